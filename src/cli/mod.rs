@@ -1,0 +1,137 @@
+//! Command-line interface: one module per subcommand, sharing argument groups.
+
+pub mod generate_audio;
+pub mod init_model;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+use clap::Args;
+
+use crate::musicgen::sampling::Sampler;
+use crate::musicgen::{tiny, GenerateOptions, LoadOptions, MusicGen};
+
+/// Seed of the built-in tiny model.
+pub const TINY_SEED: u64 = 1234;
+
+/// Which model to run.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// MusicGen directory: an audiocraft export (state_dict.bin + compression_state_dict.bin)
+    /// or a transformers directory (config.json + model.safetensors). Omit it, or pass
+    /// `builtin:tiny`, for the built-in tiny model.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// transformers EnCodec directory for a checkpoint that only points to its codec
+    /// (e.g. `facebook/encodec_32khz`); default: the Hugging Face hub cache.
+    #[arg(long, value_name = "DIR")]
+    pub encodec: Option<PathBuf>,
+    /// transformers T5 directory (config.json, weights, tokenizer.json); default: the
+    /// Hugging Face hub cache (`t5-base`).
+    #[arg(long, value_name = "DIR")]
+    pub t5: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<MusicGen> {
+        let device = Device::Cpu;
+        match &self.model {
+            None => tiny::build(TINY_SEED, &device),
+            Some(p) if p.as_os_str() == "builtin:tiny" => tiny::build(TINY_SEED, &device),
+            Some(dir) => crate::musicgen::load(
+                dir,
+                &LoadOptions {
+                    encodec: self.encodec.clone(),
+                    t5: self.t5.clone(),
+                },
+                &device,
+            ),
+        }
+    }
+}
+
+/// Sampling options shared by every command that generates.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Keep the k most likely tokens at each step (default: the checkpoint's, 250). `--top-k 1` is greedy.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the smallest set of tokens with this probability (0 = off).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Softmax temperature (default: the checkpoint's, 1.0); 0 is greedy.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Classifier-free guidance coefficient (default: the checkpoint's, 3.0).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Seconds each extension window advances by beyond the model's window (default 18 s
+    /// for a 30 s window).
+    #[arg(long)]
+    pub extend_stride: Option<f64>,
+}
+
+impl SamplingArgs {
+    pub fn options(&self, model: &MusicGen, seed: u64) -> Result<GenerateOptions> {
+        let g = &model.cfg.generation;
+        let temperature = self.temperature.unwrap_or(g.temperature);
+        let top_p = self.top_p.unwrap_or(g.top_p);
+        let guidance = self.guidance.unwrap_or(g.guidance_scale);
+        if temperature.is_nan() || temperature < 0.0 || !temperature.is_finite() {
+            bail!("--temperature must be ≥ 0, got {temperature}");
+        }
+        if !(0.0..=1.0).contains(&top_p) {
+            bail!("--top-p must be between 0 and 1, got {top_p}");
+        }
+        if !guidance.is_finite() {
+            bail!("--guidance must be a number, got {guidance}");
+        }
+        let extend_stride = self
+            .extend_stride
+            .unwrap_or_else(|| model.default_extend_stride());
+        if extend_stride.is_nan() || extend_stride <= 0.0 {
+            bail!("--extend-stride must be positive, got {extend_stride}");
+        }
+        Ok(GenerateOptions {
+            sampler: Sampler {
+                use_sampling: g.use_sampling,
+                temperature,
+                top_k: self.top_k.unwrap_or(g.top_k),
+                top_p,
+                seed,
+            },
+            guidance_scale: guidance,
+            extend_stride,
+        })
+    }
+}
+
+/// A progress bar on stderr (hidden when `quiet` or when stderr is not a terminal).
+pub fn progress_bar(quiet: bool, message: &str) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} steps · {per_sec} · ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_message(message.to_string());
+    pb
+}
+
+/// Parses a positive duration in seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if v.is_nan() || v <= 0.0 || !v.is_finite() {
+        return Err(format!("the duration must be positive, got {s}"));
+    }
+    Ok(v)
+}

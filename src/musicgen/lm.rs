@@ -1,0 +1,311 @@
+//! The MusicGen language model: a pre-norm transformer decoder over the sum of the K
+//! codebook embeddings, with sinusoidal positions, causal self-attention, cross-attention
+//! to the projected T5 states, and one linear head per codebook.
+//!
+//! Tensor names follow audiocraft's LM state dict (`best_state`), which is the
+//! parameter set of the gradient embedding; the loader maps the transformers layout
+//! onto it (q/k/v are concatenated into `in_proj_weight`).
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+use super::config::LmConfig;
+use super::ops::{causal_mask, embedding, layer_norm, linear, sinusoidal_positions, softmax_last};
+use super::params::Vb;
+
+/// Layer norm weights.
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn new(dim: usize, eps: f64, vb: Vb) -> Result<Self> {
+        Ok(Self {
+            weight: vb.param("weight", &[dim])?,
+            bias: vb.param("bias", &[dim])?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(layer_norm(x, &self.weight, Some(&self.bias), self.eps)?)
+    }
+}
+
+/// Multi-head attention with a packed `in_proj_weight` ([q; k; v], no biases).
+struct Attention {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &LmConfig, vb: Vb) -> Result<Self> {
+        let d = cfg.dim;
+        let in_proj = vb.param("in_proj_weight", &[3 * d, d])?;
+        Ok(Self {
+            q: in_proj.narrow(0, 0, d)?,
+            k: in_proj.narrow(0, d, d)?,
+            v: in_proj.narrow(0, 2 * d, d)?,
+            out: vb.param("out_proj.weight", &[d, d])?,
+            heads: cfg.num_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    /// `[B, S, D]` -> `[B, H, S, hd]`.
+    fn split(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        Ok(linear(x, w, None)?
+            .reshape((b, s, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, s, _) = q.dims4()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let attn = softmax_last(&scores)?;
+        let out = attn
+            .matmul(v)?
+            .transpose(1, 2)?
+            .reshape((b, s, self.heads * self.head_dim))?;
+        Ok(linear(&out, &self.out, None)?)
+    }
+
+    /// Causal self-attention; appends this call's keys/values to `cache`.
+    fn self_attention(&self, x: &Tensor, cache: Option<&mut KvPair>) -> Result<Tensor> {
+        let q = self.split(x, &self.q)?;
+        let mut k = self.split(x, &self.k)?;
+        let mut v = self.split(x, &self.v)?;
+        if let Some(cache) = cache {
+            if let Some((pk, pv)) = cache.take() {
+                k = Tensor::cat(&[&pk, &k], 2)?;
+                v = Tensor::cat(&[&pv, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let (s, kv) = (q.dim(2)?, k.dim(2)?);
+        let mask = if s > 1 {
+            Some(causal_mask(s, kv, x.device())?)
+        } else {
+            None
+        };
+        self.attend(&q, &k, &v, mask.as_ref())
+    }
+
+    /// Keys and values of the conditioning memory.
+    fn memory(&self, mem: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.split(mem, &self.k)?, self.split(mem, &self.v)?))
+    }
+}
+
+type KvPair = Option<(Tensor, Tensor)>;
+
+struct Layer {
+    norm1: Norm,
+    self_attn: Attention,
+    norm_cross: Norm,
+    cross_attn: Attention,
+    norm2: Norm,
+    linear1: Tensor,
+    linear2: Tensor,
+}
+
+impl Layer {
+    fn new(cfg: &LmConfig, vb: Vb) -> Result<Self> {
+        // Declaration order here is the documented parameter order of a layer.
+        Ok(Self {
+            norm1: Norm::new(cfg.dim, cfg.norm_eps, vb.pp("norm1"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            norm_cross: Norm::new(cfg.dim, cfg.norm_eps, vb.pp("norm_cross"))?,
+            cross_attn: Attention::new(cfg, vb.pp("cross_attention"))?,
+            norm2: Norm::new(cfg.dim, cfg.norm_eps, vb.pp("norm2"))?,
+            linear1: vb.param("linear1.weight", &[cfg.ffn_dim, cfg.dim])?,
+            linear2: vb.param("linear2.weight", &[cfg.dim, cfg.ffn_dim])?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        memory: &LayerMemory,
+        cache: Option<&mut KvPair>,
+    ) -> Result<Tensor> {
+        let h = (x + self
+            .self_attn
+            .self_attention(&self.norm1.forward(x)?, cache)?)?;
+        let h = match memory.n_cond {
+            0 => h,
+            n => {
+                // Rows past `n_cond` carry the null condition: MusicGen's null condition is an
+                // all-zero memory, whose keys and values (no biases) are zero, so their
+                // cross-attention output is exactly zero — skip the work.
+                let b = h.dim(0)?;
+                let normed = self.norm_cross.forward(&h.narrow(0, 0, n)?)?;
+                let q = self.cross_attn.split(&normed, &self.cross_attn.q)?;
+                let (k, v) = (&memory.k, &memory.v);
+                let c = self.cross_attn.attend(&q, k, v, None)?;
+                let c = if b > n {
+                    c.pad_with_zeros(0, 0, b - n)?
+                } else {
+                    c
+                };
+                (h + c)?
+            }
+        };
+        let ff = linear(
+            &linear(&self.norm2.forward(&h)?, &self.linear1, None)?.gelu_erf()?,
+            &self.linear2,
+            None,
+        )?;
+        Ok((h + ff)?)
+    }
+}
+
+/// Per-layer keys and values of the conditioning memory.
+struct LayerMemory {
+    k: Tensor,
+    v: Tensor,
+    n_cond: usize,
+}
+
+/// Conditioning prepared for a batch: the first `n_cond` rows attend to `states`,
+/// the others get the null condition.
+pub struct Conditioning {
+    layers: Vec<LayerMemory>,
+}
+
+/// Key/value cache for incremental decoding.
+pub struct LmCache {
+    layers: Vec<KvPair>,
+    pub len: usize,
+}
+
+/// The language model.
+pub struct Lm {
+    cfg: LmConfig,
+    cond_proj: Option<(Tensor, Tensor)>,
+    emb: Vec<Tensor>,
+    layers: Vec<Layer>,
+    out_norm: Norm,
+    heads: Vec<Tensor>,
+    device: Device,
+}
+
+impl Lm {
+    pub fn new(cfg: &LmConfig, vb: Vb) -> Result<Self> {
+        let cond_proj = if cfg.cond_proj {
+            let p = vb.pp("condition_provider.conditioners.description.output_proj");
+            Some((
+                p.param("weight", &[cfg.dim, cfg.cond_dim])?,
+                p.param("bias", &[cfg.dim])?,
+            ))
+        } else {
+            None
+        };
+        let emb = (0..cfg.n_q)
+            .map(|k| vb.pp("emb").pp(k).param("weight", &[cfg.card + 1, cfg.dim]))
+            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| Layer::new(cfg, vb.pp("transformer.layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let out_norm = Norm::new(cfg.dim, cfg.norm_eps, vb.pp("out_norm"))?;
+        let heads = (0..cfg.n_q)
+            .map(|k| vb.pp("linears").pp(k).param("weight", &[cfg.card, cfg.dim]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            cond_proj,
+            emb,
+            layers,
+            out_norm,
+            heads,
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LmConfig {
+        &self.cfg
+    }
+
+    /// Projects T5 states `[1, L, cond_dim]` to the LM width: the conditioning tensor
+    /// audiocraft feeds to cross-attention.
+    pub fn project_condition(&self, t5_states: &Tensor) -> Result<Tensor> {
+        match &self.cond_proj {
+            Some((w, b)) => Ok(linear(t5_states, w, Some(b))?),
+            None => Ok(t5_states.clone()),
+        }
+    }
+
+    /// Prepares cross-attention memory. `states`: `[1, L, dim]` projected conditioning
+    /// (broadcast over the `n_cond` conditioned rows).
+    pub fn conditioning(&self, states: &Tensor, n_cond: usize) -> Result<Conditioning> {
+        let states = if n_cond > 1 {
+            states
+                .broadcast_as((n_cond, states.dim(1)?, states.dim(2)?))?
+                .contiguous()?
+        } else {
+            states.clone()
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (k, v) = l.cross_attn.memory(&states)?;
+                Ok(LayerMemory { k, v, n_cond })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Conditioning { layers })
+    }
+
+    pub fn new_cache(&self) -> LmCache {
+        LmCache {
+            layers: (0..self.layers.len()).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    /// Logits `[B, K, S, card]` for tokens `[B, K, S]` (u32, values ≤ card). With a
+    /// cache, positions continue from the cache length and the cache is extended.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        cond: &Conditioning,
+        mut cache: Option<&mut LmCache>,
+    ) -> Result<Tensor> {
+        let (_, k, s) = tokens.dims3()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        let mut h = embedding(&self.emb[0], &tokens.narrow(1, 0, 1)?.squeeze(1)?)?;
+        for (q, table) in self.emb.iter().enumerate().take(k).skip(1) {
+            h = (h + embedding(table, &tokens.narrow(1, q, 1)?.squeeze(1)?)?)?;
+        }
+        if self.cfg.scale_embedding {
+            h = (h * (self.cfg.dim as f64).sqrt())?;
+        }
+        let pos = sinusoidal_positions(offset, s, self.cfg.dim, self.cfg.max_period, &self.device)?;
+        h = h.broadcast_add(&pos)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            h = layer.forward(&h, &cond.layers[i], c)?;
+        }
+        if let Some(c) = cache {
+            c.len += s;
+        }
+        let h = self.out_norm.forward(&h)?;
+        let logits = self
+            .heads
+            .iter()
+            .map(|w| linear(&h, w, None))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&logits, 1)?)
+    }
+}

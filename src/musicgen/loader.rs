@@ -1,0 +1,682 @@
+//! Finding and loading a MusicGen from a directory, offline.
+//!
+//! Two layouts are read:
+//! - **audiocraft export**: `state_dict.bin` (`best_state` + `xp.cfg`) and
+//!   `compression_state_dict.bin` (or the seed document's `compressed_state_dict.bin`)
+//!   holding either a full codec or a `pretrained` pointer such as `facebook/encodec_32khz`;
+//! - **transformers** `MusicgenForConditionalGeneration`: `config.json`, safetensors (or
+//!   `pytorch_model.bin`) and `tokenizer.json`.
+//!
+//! Pointers and the T5 encoder resolve from `--encodec` / `--t5`, else from the local
+//! Hugging Face hub cache. Nothing is downloaded.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde_yaml::Value as Yaml;
+
+use super::checkpoint::{
+    dict_has, dict_string, read_hf_weights, read_json, read_pickle_root, read_pickle_tensors,
+};
+use super::config::{
+    delay_pattern, CodecConfig, GenerationDefaults, LmConfig, MusicgenConfig, PadMode, T5Config,
+};
+use super::model::MusicGen;
+use super::params::ParamStore;
+use super::t5::TextTokenizer;
+
+/// Where to find the parts a checkpoint only points to.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// A transformers EnCodec directory (config.json + weights) for a `pretrained` pointer.
+    pub encodec: Option<PathBuf>,
+    /// A transformers T5 directory (config.json + weights + tokenizer.json).
+    pub t5: Option<PathBuf>,
+}
+
+/// The two checkpoint layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Audiocraft,
+    Transformers,
+}
+
+/// Tells the layout of a model directory.
+pub fn detect_layout(dir: &Path) -> Result<Layout> {
+    if !dir.exists() {
+        bail!("{}: no such model directory; pass --model DIR with a MusicGen checkpoint, or omit --model for the built-in tiny model", dir.display());
+    }
+    if !dir.is_dir() {
+        bail!("{}: --model expects a directory, not a file", dir.display());
+    }
+    if dir.join("state_dict.bin").exists() {
+        return Ok(Layout::Audiocraft);
+    }
+    if dir.join("config.json").exists() {
+        return Ok(Layout::Transformers);
+    }
+    bail!(
+        "{}: not a MusicGen directory: expected state_dict.bin + compression_state_dict.bin (audiocraft export) or config.json + model.safetensors (transformers)",
+        dir.display()
+    )
+}
+
+/// Loads the MusicGen in `dir`.
+pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<MusicGen> {
+    match detect_layout(dir)? {
+        Layout::Audiocraft => load_audiocraft(dir, opts, device),
+        Layout::Transformers => load_transformers(dir, opts, device),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Name mapping
+
+/// transformers MusicGen LM names -> audiocraft names (q/k/v handled separately).
+fn hf_lm_name(name: &str) -> Option<String> {
+    if let Some(rest) = name.strip_prefix("enc_to_dec_proj.") {
+        return Some(format!(
+            "condition_provider.conditioners.description.output_proj.{rest}"
+        ));
+    }
+    if let Some(rest) = name.strip_prefix("decoder.lm_heads.") {
+        return Some(format!("linears.{rest}"));
+    }
+    let rest = name.strip_prefix("decoder.model.decoder.")?;
+    if let Some(r) = rest.strip_prefix("embed_tokens.") {
+        return Some(format!("emb.{r}"));
+    }
+    if let Some(r) = rest.strip_prefix("layer_norm.") {
+        return Some(format!("out_norm.{r}"));
+    }
+    let r = rest.strip_prefix("layers.")?;
+    let (idx, sub) = r.split_once('.')?;
+    let mapped = match sub {
+        s if s.starts_with("self_attn_layer_norm.") => {
+            s.replacen("self_attn_layer_norm", "norm1", 1)
+        }
+        s if s.starts_with("encoder_attn_layer_norm.") => {
+            s.replacen("encoder_attn_layer_norm", "norm_cross", 1)
+        }
+        s if s.starts_with("final_layer_norm.") => s.replacen("final_layer_norm", "norm2", 1),
+        s if s.starts_with("self_attn.out_proj.") => s.to_string(),
+        s if s.starts_with("encoder_attn.out_proj.") => {
+            s.replacen("encoder_attn", "cross_attention", 1)
+        }
+        s if s.starts_with("fc1.") => s.replacen("fc1", "linear1", 1),
+        s if s.starts_with("fc2.") => s.replacen("fc2", "linear2", 1),
+        _ => return None,
+    };
+    Some(format!("transformer.layers.{idx}.{mapped}"))
+}
+
+/// Maps the LM tensors of a transformers checkpoint onto audiocraft names, packing
+/// q/k/v projections into `in_proj_weight` as audiocraft stores them.
+fn hf_lm_tensors(all: &HashMap<String, Tensor>, layers: usize) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for (name, t) in all {
+        if name.contains("_attn.q_proj")
+            || name.contains("_attn.k_proj")
+            || name.contains("_attn.v_proj")
+        {
+            continue;
+        }
+        if name.contains("embed_positions") {
+            continue; // sinusoidal table, recomputed
+        }
+        if let Some(mapped) = hf_lm_name(name) {
+            out.insert(mapped, t.clone());
+        } else if name.starts_with("decoder.") || name.starts_with("enc_to_dec_proj.") {
+            // Unknown LM tensor (e.g. an attention bias): keep it so the model reports it.
+            out.insert(name.clone(), t.clone());
+        }
+    }
+    for i in 0..layers {
+        for (hf, ac) in [
+            ("self_attn", "self_attn"),
+            ("encoder_attn", "cross_attention"),
+        ] {
+            let p = format!("decoder.model.decoder.layers.{i}.{hf}");
+            let get = |x: &str| {
+                all.get(&format!("{p}.{x}_proj.weight"))
+                    .ok_or_else(|| anyhow!("missing tensor `{p}.{x}_proj.weight`"))
+            };
+            let packed = Tensor::cat(&[get("q")?, get("k")?, get("v")?], 0)?;
+            out.insert(
+                format!("transformer.layers.{i}.{ac}.in_proj_weight"),
+                packed,
+            );
+            for x in ["q", "k", "v"] {
+                let bias = format!("{p}.{x}_proj.bias");
+                if let Some(t) = all.get(&bias) {
+                    out.insert(bias, t.clone());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Codec tensor names of either source -> transformers `EncodecModel` names.
+pub fn codec_name(name: &str) -> String {
+    let mut n = name.to_string();
+    for (from, to) in [
+        ("encoder.model.", "encoder.layers."),
+        ("decoder.model.", "decoder.layers."),
+        (".convtr.convtr.", ".conv."),
+        (".conv.conv.", ".conv."),
+        ("quantizer.vq.layers.", "quantizer.layers."),
+        ("._codebook.", ".codebook."),
+        (".parametrizations.weight.original0", ".weight_g"),
+        (".parametrizations.weight.original1", ".weight_v"),
+    ] {
+        n = n.replace(from, to);
+    }
+    n
+}
+
+fn codec_tensors(all: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    all.into_iter().map(|(k, v)| (codec_name(&k), v)).collect()
+}
+
+fn strip_prefix_map(all: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    all.iter()
+        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|r| (r.to_string(), v.clone())))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Hugging Face hub cache
+
+/// Hub cache roots, in the order transformers uses them.
+pub fn hub_cache_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        dirs.push(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HUGGINGFACE_HUB_CACHE") {
+        dirs.push(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        dirs.push(PathBuf::from(p).join("hub"));
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        dirs.push(PathBuf::from(p).join("huggingface").join("hub"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(
+            PathBuf::from(home)
+                .join(".cache")
+                .join("huggingface")
+                .join("hub"),
+        );
+    }
+    dirs.dedup();
+    dirs
+}
+
+/// Finds a snapshot of `repo_id` holding `config.json` in the hub cache.
+/// Returns the snapshot directory or the list of places searched.
+pub fn find_in_hub(repo_ids: &[&str]) -> std::result::Result<PathBuf, Vec<PathBuf>> {
+    let mut searched = Vec::new();
+    for root in hub_cache_dirs() {
+        for id in repo_ids {
+            let repo = root.join(format!("models--{}", id.replace('/', "--")));
+            searched.push(repo.clone());
+            if let Ok(hash) = std::fs::read_to_string(repo.join("refs").join("main")) {
+                let snap = repo.join("snapshots").join(hash.trim());
+                if snap.join("config.json").exists() {
+                    return Ok(snap);
+                }
+            }
+            if let Ok(entries) = std::fs::read_dir(repo.join("snapshots")) {
+                let mut snaps: Vec<PathBuf> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.join("config.json").exists())
+                    .collect();
+                snaps.sort();
+                if let Some(s) = snaps.pop() {
+                    return Ok(s);
+                }
+            }
+        }
+    }
+    Err(searched)
+}
+
+fn resolve_pretrained(
+    kind: &str,
+    name: &str,
+    explicit: Option<&Path>,
+    flag: &str,
+) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        if !p.join("config.json").exists() {
+            bail!(
+                "{}: {flag} must be a directory with config.json and weights of {kind}",
+                p.display()
+            );
+        }
+        return Ok(p.to_path_buf());
+    }
+    let mut ids = vec![name.to_string()];
+    if name == "t5-base" || name == "t5-large" || name == "t5-small" {
+        ids.push(format!("google-t5/{name}"));
+    }
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    find_in_hub(&id_refs).map_err(|searched| {
+        let places: Vec<String> = searched.iter().map(|p| p.display().to_string()).collect();
+        anyhow!(
+            "{kind} `{name}` is not available offline. Looked in: {}. Provide it with {flag} DIR (a transformers directory with config.json, weights{}), or put it in the Hugging Face hub cache (set HF_HUB_CACHE or HF_HOME)",
+            places.join(", "),
+            if kind == "T5 text encoder" { ", tokenizer.json" } else { "" }
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// T5
+
+fn load_t5_dir(dir: &Path, device: &Device) -> Result<(T5Config, ParamStore, TextTokenizer)> {
+    let cfg = T5Config::from_hf_json(&read_json(&dir.join("config.json"))?).with_context(|| {
+        format!(
+            "{}: unsupported T5 config",
+            dir.join("config.json").display()
+        )
+    })?;
+    let weights = read_hf_weights(dir)?;
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.exists() {
+        bail!(
+            "{}: missing; the T5 directory needs the fast tokenizer file tokenizer.json",
+            tok_path.display()
+        );
+    }
+    let tokenizer = TextTokenizer::from_file(&tok_path)?;
+    Ok((
+        cfg,
+        ParamStore::new(weights, dir.display().to_string(), device),
+        tokenizer,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// transformers layout
+
+fn load_transformers(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<MusicGen> {
+    let config_path = dir.join("config.json");
+    let config = read_json(&config_path)?;
+    let gen_path = dir.join("generation_config.json");
+    let generation = if gen_path.exists() {
+        Some(read_json(&gen_path)?)
+    } else {
+        None
+    };
+    let cfg = MusicgenConfig::from_hf_json(&config, generation.as_ref())
+        .with_context(|| format!("{}: unsupported MusicGen config", config_path.display()))?;
+    let all = read_hf_weights(dir)?;
+    from_transformers_tensors(cfg, all, dir, None, opts, device)
+}
+
+/// Builds a MusicGen from transformers-named tensors (shared with the built-in model).
+pub fn from_transformers_tensors(
+    cfg: MusicgenConfig,
+    all: HashMap<String, Tensor>,
+    dir: &Path,
+    tokenizer: Option<TextTokenizer>,
+    opts: &LoadOptions,
+    device: &Device,
+) -> Result<MusicGen> {
+    let origin = dir.display().to_string();
+    let lm =
+        hf_lm_tensors(&all, cfg.lm.num_layers).with_context(|| format!("{origin}: LM weights"))?;
+    let codec = match &opts.encodec {
+        Some(p) => codec_tensors(read_hf_weights(p)?),
+        None => codec_tensors(strip_prefix_map(&all, "audio_encoder.")),
+    };
+    let tok_path = dir.join("tokenizer.json");
+    let (t5_store, tokenizer) = if let Some(p) = &opts.t5 {
+        let (_, store, tok) = load_t5_dir(p, device)?;
+        (store, tok)
+    } else {
+        let store = ParamStore::new(
+            strip_prefix_map(&all, "text_encoder."),
+            format!("{origin} (text_encoder)"),
+            device,
+        );
+        let tok = if let Some(tok) = tokenizer {
+            tok
+        } else if tok_path.exists() {
+            TextTokenizer::from_file(&tok_path)?
+        } else {
+            let t5_dir = resolve_pretrained("T5 text encoder", "t5-base", None, "--t5")
+                .with_context(|| {
+                    format!("{}: no tokenizer.json next to the weights", dir.display())
+                })?;
+            TextTokenizer::from_file(&t5_dir.join("tokenizer.json"))?
+        };
+        (store, tok)
+    };
+    MusicGen::new(
+        cfg,
+        tokenizer,
+        &t5_store,
+        ParamStore::new(lm, format!("{origin} (LM)"), device),
+        ParamStore::new(codec, format!("{origin} (EnCodec)"), device),
+        origin,
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// audiocraft layout
+
+fn yaml_get<'a>(v: &'a Yaml, path: &str) -> Option<&'a Yaml> {
+    let mut cur = v;
+    for key in path.split('.') {
+        cur = cur.get(key)?;
+    }
+    (!cur.is_null()).then_some(cur)
+}
+
+fn yaml_usize(v: &Yaml, path: &str) -> Result<usize> {
+    yaml_get(v, path)
+        .and_then(Yaml::as_u64)
+        .map(|x| x as usize)
+        .ok_or_else(|| anyhow!("xp.cfg: missing integer `{path}`"))
+}
+
+fn yaml_f64_or(v: &Yaml, path: &str, default: f64) -> f64 {
+    yaml_get(v, path).and_then(Yaml::as_f64).unwrap_or(default)
+}
+
+fn yaml_bool_or(v: &Yaml, path: &str, default: bool) -> bool {
+    yaml_get(v, path).and_then(Yaml::as_bool).unwrap_or(default)
+}
+
+fn yaml_str<'a>(v: &'a Yaml, path: &str) -> Option<&'a str> {
+    yaml_get(v, path).and_then(Yaml::as_str)
+}
+
+fn parse_xp_cfg(path: &Path, text: &str) -> Result<Yaml> {
+    serde_yaml::from_str(text)
+        .with_context(|| format!("{}: `xp.cfg` is not valid YAML", path.display()))
+}
+
+/// LM hyper-parameters from an audiocraft `xp.cfg`.
+fn lm_config_from_xp(xp: &Yaml, cond_dim: usize) -> Result<(LmConfig, usize)> {
+    let t = "transformer_lm";
+    let check = |key: &str, expect: &str| -> Result<()> {
+        if let Some(v) = yaml_get(xp, &format!("{t}.{key}")) {
+            let s = match v {
+                Yaml::String(s) => s.clone(),
+                Yaml::Bool(b) => b.to_string(),
+                other => serde_yaml::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            };
+            if s != expect {
+                bail!("xp.cfg: `{t}.{key}: {s}` is not supported (only `{expect}`)");
+            }
+        }
+        Ok(())
+    };
+    check("activation", "gelu")?;
+    check("norm", "layer_norm")?;
+    check("norm_first", "true")?;
+    check("positional_embedding", "sin")?;
+    check("bias_attn", "false")?;
+    check("bias_ff", "false")?;
+    check("cross_attention", "true")?;
+    check("qk_layer_norm", "false")?;
+    let modeling = yaml_str(xp, "codebooks_pattern.modeling").unwrap_or("delay");
+    if modeling != "delay" {
+        bail!("xp.cfg: codebook pattern `{modeling}` is not supported (only `delay`)");
+    }
+    let dim = yaml_usize(xp, &format!("{t}.dim"))?;
+    let n_q = yaml_usize(xp, &format!("{t}.n_q"))?;
+    let channels = yaml_get(xp, "channels").and_then(Yaml::as_u64).unwrap_or(1) as usize;
+    let delays = match yaml_get(xp, "codebooks_pattern.delay.delays").and_then(Yaml::as_sequence) {
+        Some(seq) => seq
+            .iter()
+            .map(|d| d.as_u64().map(|x| x as usize))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| anyhow!("xp.cfg: `codebooks_pattern.delay.delays` must be integers"))?,
+        None => delay_pattern(n_q, channels),
+    };
+    let hidden_scale = yaml_f64_or(xp, &format!("{t}.hidden_scale"), 4.0);
+    let cfg = LmConfig {
+        dim,
+        num_heads: yaml_usize(xp, &format!("{t}.num_heads"))?,
+        num_layers: yaml_usize(xp, &format!("{t}.num_layers"))?,
+        ffn_dim: (hidden_scale * dim as f64) as usize,
+        n_q,
+        card: yaml_usize(xp, &format!("{t}.card"))?,
+        delays,
+        cond_dim,
+        cond_proj: true,
+        norm_eps: 1e-5,
+        max_period: yaml_f64_or(xp, &format!("{t}.max_period"), 10_000.0),
+        scale_embedding: false,
+    };
+    Ok((cfg, channels))
+}
+
+fn generation_from_xp(xp: &Yaml) -> GenerationDefaults {
+    let d = GenerationDefaults::default();
+    GenerationDefaults {
+        guidance_scale: yaml_f64_or(
+            xp,
+            "classifier_free_guidance.inference_coef",
+            d.guidance_scale,
+        ),
+        top_k: yaml_get(xp, "generate.lm.top_k")
+            .and_then(Yaml::as_u64)
+            .map_or(d.top_k, |x| x as usize),
+        top_p: yaml_f64_or(xp, "generate.lm.top_p", d.top_p),
+        temperature: yaml_f64_or(xp, "generate.lm.temp", d.temperature),
+        use_sampling: yaml_bool_or(xp, "generate.lm.use_sampling", d.use_sampling),
+        window_seconds: yaml_f64_or(xp, "dataset.segment_duration", d.window_seconds),
+    }
+}
+
+/// Codec hyper-parameters from an audiocraft compression `xp.cfg`.
+fn codec_config_from_xp(xp: &Yaml) -> Result<CodecConfig> {
+    let s = "seanet";
+    let ratios = yaml_get(xp, &format!("{s}.ratios"))
+        .and_then(Yaml::as_sequence)
+        .and_then(|r| {
+            r.iter()
+                .map(|x| x.as_u64().map(|x| x as usize))
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or_else(|| anyhow!("xp.cfg: missing `seanet.ratios`"))?;
+    let act = yaml_str(xp, &format!("{s}.activation")).unwrap_or("ELU");
+    if act != "ELU" {
+        bail!("xp.cfg: codec activation `{act}` is not supported (ELU)");
+    }
+    let norm = yaml_str(xp, &format!("{s}.norm")).unwrap_or("weight_norm");
+    if norm != "weight_norm" && norm != "none" {
+        bail!("xp.cfg: codec norm `{norm}` is not supported (weight_norm)");
+    }
+    let pad_mode = match yaml_str(xp, &format!("{s}.pad_mode")).unwrap_or("reflect") {
+        "reflect" => PadMode::Reflect,
+        "constant" => PadMode::Constant,
+        other => bail!("xp.cfg: codec pad_mode `{other}` is not supported"),
+    };
+    let dimension = yaml_usize(xp, &format!("{s}.dimension"))?;
+    Ok(CodecConfig {
+        sample_rate: yaml_usize(xp, "sample_rate")?,
+        channels: yaml_get(xp, "channels").and_then(Yaml::as_u64).unwrap_or(1) as usize,
+        dimension,
+        n_filters: yaml_usize(xp, &format!("{s}.n_filters"))?,
+        ratios,
+        kernel_size: yaml_usize(xp, &format!("{s}.kernel_size"))?,
+        last_kernel_size: yaml_usize(xp, &format!("{s}.last_kernel_size"))?,
+        residual_kernel_size: yaml_usize(xp, &format!("{s}.residual_kernel_size"))?,
+        dilation_base: yaml_usize(xp, &format!("{s}.dilation_base"))?,
+        n_residual_layers: yaml_usize(xp, &format!("{s}.n_residual_layers"))?,
+        lstm_layers: yaml_get(xp, &format!("{s}.lstm"))
+            .and_then(Yaml::as_u64)
+            .unwrap_or(0) as usize,
+        compress: yaml_usize(xp, &format!("{s}.compress"))?,
+        conv_shortcut: !yaml_bool_or(xp, &format!("{s}.true_skip"), true),
+        pad_mode,
+        causal: yaml_bool_or(xp, &format!("{s}.causal"), false),
+        trim_right_ratio: yaml_f64_or(xp, &format!("{s}.decoder.trim_right_ratio"), 1.0),
+        n_q: yaml_usize(xp, "rvq.n_q")?,
+        card: yaml_usize(xp, "rvq.bins")?,
+        codebook_dim: yaml_get(xp, "rvq.dimension")
+            .and_then(Yaml::as_u64)
+            .map_or(dimension, |x| x as usize),
+    })
+}
+
+/// The codec of an audiocraft export: (config, transformers-named tensors, origin).
+fn load_audiocraft_codec(
+    dir: &Path,
+    lm_xp: &Yaml,
+    opts: &LoadOptions,
+) -> Result<(CodecConfig, HashMap<String, Tensor>, String)> {
+    let candidates = ["compression_state_dict.bin", "compressed_state_dict.bin"];
+    let file = candidates.iter().map(|c| dir.join(c)).find(|p| p.exists());
+    let pointer = match &file {
+        Some(path) => {
+            let root = read_pickle_root(path)?;
+            if dict_has(&root, "best_state") {
+                let xp_text = dict_string(&root, "xp.cfg")
+                    .ok_or_else(|| anyhow!("{}: has `best_state` but no `xp.cfg` string", path.display()))?;
+                let xp = parse_xp_cfg(path, &xp_text)?;
+                let cfg = codec_config_from_xp(&xp).with_context(|| format!("{}: codec config", path.display()))?;
+                let tensors = codec_tensors(read_pickle_tensors(path, Some("best_state"))?);
+                return Ok((cfg, tensors, path.display().to_string()));
+            }
+            dict_string(&root, "pretrained").ok_or_else(|| {
+                anyhow!("{}: neither a codec (`best_state`) nor a `pretrained` pointer", path.display())
+            })?
+        }
+        None => match yaml_str(lm_xp, "compression_model_checkpoint") {
+            Some(p) => p.trim_start_matches("//pretrained/").to_string(),
+            None => bail!(
+                "{}: no compression_state_dict.bin (or compressed_state_dict.bin) and no `compression_model_checkpoint` in xp.cfg",
+                dir.display()
+            ),
+        },
+    };
+    let codec_dir = resolve_pretrained("EnCodec", &pointer, opts.encodec.as_deref(), "--encodec")?;
+    let cfg = CodecConfig::from_hf_json(&read_json(&codec_dir.join("config.json"))?).with_context(
+        || {
+            format!(
+                "{}: unsupported EnCodec config",
+                codec_dir.join("config.json").display()
+            )
+        },
+    )?;
+    let tensors = codec_tensors(read_hf_weights(&codec_dir)?);
+    Ok((cfg, tensors, codec_dir.display().to_string()))
+}
+
+fn load_audiocraft(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<MusicGen> {
+    let lm_path = dir.join("state_dict.bin");
+    let root = read_pickle_root(&lm_path)?;
+    let xp_text = dict_string(&root, "xp.cfg").ok_or_else(|| {
+        anyhow!(
+            "{}: no `xp.cfg` string; expected an audiocraft export (export_lm)",
+            lm_path.display()
+        )
+    })?;
+    if !dict_has(&root, "best_state") {
+        bail!(
+            "{}: no `best_state`; expected an audiocraft export (export_lm)",
+            lm_path.display()
+        );
+    }
+    let xp = parse_xp_cfg(&lm_path, &xp_text)?;
+    let lm_tensors = read_pickle_tensors(&lm_path, Some("best_state"))?;
+    let proj = lm_tensors
+        .get("condition_provider.conditioners.description.output_proj.weight")
+        .ok_or_else(|| anyhow!("{}: no text-conditioning projection (`condition_provider.conditioners.description.output_proj.weight`); only text-conditioned MusicGen is supported", lm_path.display()))?;
+    let cond_dim = proj.dim(1)?;
+    let (lm_cfg, channels) = lm_config_from_xp(&xp, cond_dim)
+        .with_context(|| format!("{}: unsupported LM config", lm_path.display()))?;
+    let (codec_cfg, codec, codec_origin) = load_audiocraft_codec(dir, &xp, opts)?;
+    let t5_name = yaml_str(&xp, "conditioners.description.t5.name").unwrap_or("t5-base");
+    let t5_dir = resolve_pretrained("T5 text encoder", t5_name, opts.t5.as_deref(), "--t5")?;
+    let (t5_cfg, t5_store, tokenizer) = load_t5_dir(&t5_dir, device)?;
+    let cfg = MusicgenConfig {
+        lm: lm_cfg,
+        codec: codec_cfg,
+        t5: t5_cfg,
+        generation: generation_from_xp(&xp),
+        audio_channels: channels,
+    };
+    cfg.validate().with_context(|| {
+        format!(
+            "{}: the LM, codec and T5 do not fit together",
+            dir.display()
+        )
+    })?;
+    MusicGen::new(
+        cfg,
+        tokenizer,
+        &t5_store,
+        ParamStore::new(lm_tensors, format!("{} (LM)", lm_path.display()), device),
+        ParamStore::new(codec, format!("{codec_origin} (EnCodec)"), device),
+        dir.display().to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_transformers_lm_names() {
+        assert_eq!(
+            hf_lm_name("decoder.model.decoder.layers.3.encoder_attn_layer_norm.bias").as_deref(),
+            Some("transformer.layers.3.norm_cross.bias")
+        );
+        assert_eq!(
+            hf_lm_name("decoder.lm_heads.2.weight").as_deref(),
+            Some("linears.2.weight")
+        );
+        assert_eq!(
+            hf_lm_name("decoder.model.decoder.embed_tokens.1.weight").as_deref(),
+            Some("emb.1.weight")
+        );
+        assert_eq!(
+            hf_lm_name("enc_to_dec_proj.bias").as_deref(),
+            Some("condition_provider.conditioners.description.output_proj.bias")
+        );
+        assert_eq!(
+            hf_lm_name("decoder.model.decoder.layers.0.fc2.weight").as_deref(),
+            Some("transformer.layers.0.linear2.weight")
+        );
+    }
+
+    #[test]
+    fn maps_codec_names_of_both_layouts() {
+        assert_eq!(
+            codec_name("decoder.model.3.convtr.convtr.weight_g"),
+            "decoder.layers.3.conv.weight_g"
+        );
+        assert_eq!(
+            codec_name("decoder.model.4.block.1.conv.conv.weight_v"),
+            "decoder.layers.4.block.1.conv.weight_v"
+        );
+        assert_eq!(
+            codec_name("decoder.layers.0.conv.parametrizations.weight.original0"),
+            "decoder.layers.0.conv.weight_g"
+        );
+        assert_eq!(
+            codec_name("quantizer.vq.layers.2._codebook.embed"),
+            "quantizer.layers.2.codebook.embed"
+        );
+        assert_eq!(
+            codec_name("decoder.model.1.lstm.weight_ih_l0"),
+            "decoder.layers.1.lstm.weight_ih_l0"
+        );
+    }
+}

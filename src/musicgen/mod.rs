@@ -1,0 +1,19 @@
+//! MusicGen on Candle: loading (audiocraft and transformers layouts, offline), the
+//! T5 / LM / EnCodec parts, and generation.
+
+pub mod checkpoint;
+pub mod codec;
+pub mod config;
+pub mod lm;
+pub mod loader;
+pub mod model;
+pub mod ops;
+pub mod params;
+pub mod pattern;
+pub mod sampling;
+pub mod t5;
+pub mod tiny;
+
+pub use config::MusicgenConfig;
+pub use loader::{load, LoadOptions};
+pub use model::{GenerateOptions, Generation, MusicGen};

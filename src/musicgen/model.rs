@@ -1,0 +1,332 @@
+//! A whole MusicGen: T5 conditioning, the LM, EnCodec, and generation as audiocraft
+//! does it (classifier-free guidance, delay pattern, KV cache, windowed extension).
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use indicatif::ProgressBar;
+
+use super::codec::Codec;
+use super::config::MusicgenConfig;
+use super::lm::Lm;
+use super::params::ParamStore;
+use super::pattern::DelayPattern;
+use super::sampling::Sampler;
+use super::t5::{T5Encoder, TextTokenizer};
+
+/// Options of one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    pub sampler: Sampler,
+    pub guidance_scale: f64,
+    /// Seconds the next window advances by when extending beyond the model's window.
+    pub extend_stride: f64,
+}
+
+/// One window of a (possibly extended) generation: the frames it saw as prompt and the
+/// frames it produced, all `[K][prompt_len + new]`. Enough to replay the window
+/// teacher-forced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub prompt_len: usize,
+    pub frames: Vec<Vec<u32>>,
+}
+
+/// Generated codes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// `[K][T]` frames of the whole piece.
+    pub frames: Vec<Vec<u32>>,
+    pub windows: Vec<Window>,
+}
+
+impl Generation {
+    pub fn num_frames(&self) -> usize {
+        self.frames.first().map_or(0, Vec::len)
+    }
+    pub fn frames_tensor(&self, device: &Device) -> Result<Tensor> {
+        let k = self.frames.len();
+        let t = self.num_frames();
+        let flat: Vec<u32> = self.frames.iter().flatten().copied().collect();
+        Ok(Tensor::from_vec(flat, (k, t), device)?)
+    }
+}
+
+/// Planned windows: `(offset, prompt_len, total_len)` in frames, audiocraft's loop.
+pub fn plan_windows(total: usize, window: usize, stride: usize) -> Vec<(usize, usize, usize)> {
+    if total <= window {
+        return vec![(0, 0, total)];
+    }
+    let mut plan = Vec::new();
+    let (mut offset, mut prompt) = (0usize, 0usize);
+    while offset + prompt < total {
+        let len = (total - offset).min(window);
+        plan.push((offset, prompt, len));
+        prompt = len.saturating_sub(stride);
+        offset += stride;
+    }
+    plan
+}
+
+/// A loaded MusicGen.
+pub struct MusicGen {
+    pub cfg: MusicgenConfig,
+    pub tokenizer: TextTokenizer,
+    pub t5: T5Encoder,
+    /// LM parameters (audiocraft names, model order).
+    pub lm_params: ParamStore,
+    /// Codec tensors; its parameters are the decoder's.
+    pub codec_params: ParamStore,
+    /// Inference copies (no autograd graph is built through them).
+    pub lm: Lm,
+    pub codec: Codec,
+    pub device: Device,
+    /// Where the model came from, for messages and provenance.
+    pub source: String,
+}
+
+impl MusicGen {
+    pub fn new(
+        cfg: MusicgenConfig,
+        tokenizer: TextTokenizer,
+        t5_params: &ParamStore,
+        lm_params: ParamStore,
+        codec_params: ParamStore,
+        source: String,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let device = lm_params.device().clone();
+        let t5 = T5Encoder::new(&cfg.t5, t5_params.vb(true))?;
+        let lm = Lm::new(&cfg.lm, lm_params.vb(true))?;
+        lm_params.ensure_all_claimed(&[])?;
+        let codec = Codec::new(&cfg.codec, codec_params.vb(true))?;
+        if tokenizer.vocab_size() > cfg.t5.vocab_size {
+            bail!(
+                "the tokenizer has {} tokens but the T5 embedding only {} rows; tokenizer and T5 weights do not belong together",
+                tokenizer.vocab_size(),
+                cfg.t5.vocab_size
+            );
+        }
+        Ok(Self {
+            cfg,
+            tokenizer,
+            t5,
+            lm_params,
+            codec_params,
+            lm,
+            codec,
+            device,
+            source,
+        })
+    }
+
+    pub fn pattern(&self) -> DelayPattern {
+        DelayPattern::new(self.cfg.lm.delays.clone(), self.cfg.lm.special_token())
+    }
+
+    /// T5 states `[1, L, cond_dim]` of a prompt (frozen, outside any gradient).
+    pub fn encode_text(&self, prompt: &str) -> Result<Tensor> {
+        if prompt.trim().is_empty() {
+            bail!("the prompt is empty: describe the music to generate, e.g. --prompt \"calm piano melody\"");
+        }
+        let ids = self.tokenizer.encode(prompt)?;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.t5.vocab_size) {
+            bail!(
+                "token id {bad} is outside the T5 vocabulary ({})",
+                self.cfg.t5.vocab_size
+            );
+        }
+        self.t5.forward(&ids)
+    }
+
+    /// Frames for `duration` seconds.
+    pub fn frames_for(&self, duration: f64) -> usize {
+        (duration * self.cfg.frame_rate()).floor() as usize
+    }
+
+    pub fn default_extend_stride(&self) -> f64 {
+        // audiocraft's 18 s for its 30 s window; smaller windows keep the same proportion.
+        let w = self.cfg.generation.window_seconds;
+        if w >= 30.0 {
+            18.0
+        } else {
+            w * 0.6
+        }
+    }
+
+    /// Generates the codes of `duration` seconds of audio for `prompt`.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        duration: f64,
+        opts: &GenerateOptions,
+        progress: Option<&ProgressBar>,
+    ) -> Result<Generation> {
+        if duration.is_nan() || duration <= 0.0 || !duration.is_finite() {
+            bail!("the duration must be a positive number of seconds, got {duration}");
+        }
+        let total = self.frames_for(duration);
+        if total == 0 {
+            bail!(
+                "{duration} s is shorter than one frame ({} frames per second)",
+                self.cfg.frame_rate()
+            );
+        }
+        let window = self.frames_for(self.cfg.generation.window_seconds).max(1);
+        let stride = (self.cfg.frame_rate() * opts.extend_stride).floor() as usize;
+        if total > window && (stride == 0 || stride >= window) {
+            bail!(
+                "the extend stride ({} s) must be positive and shorter than the model's window ({} s)",
+                opts.extend_stride,
+                self.cfg.generation.window_seconds
+            );
+        }
+        let t5 = self.encode_text(prompt)?;
+        let states = self.lm.project_condition(&t5)?;
+        let plan = plan_windows(total, window, stride);
+        let pattern = self.pattern();
+        if let Some(pb) = progress {
+            let steps: usize = plan
+                .iter()
+                .map(|&(_, p, len)| pattern.num_steps(len) - pattern.first_step_after_prompt(p))
+                .sum();
+            pb.set_length(steps as u64);
+        }
+        let guided = opts.guidance_scale != 1.0;
+        let cond = self.lm.conditioning(&states, 1)?;
+        let mut all: Vec<Vec<u32>> = vec![Vec::with_capacity(total); self.cfg.lm.n_q];
+        let mut windows = Vec::with_capacity(plan.len());
+        let mut prompt_frames: Vec<Vec<u32>> = vec![Vec::new(); self.cfg.lm.n_q];
+        for (wi, &(_, prompt_len, len)) in plan.iter().enumerate() {
+            let frames = self.generate_window(
+                &cond,
+                guided,
+                &prompt_frames,
+                len,
+                wi as u64,
+                opts,
+                progress,
+            )?;
+            for (k, row) in frames.iter().enumerate() {
+                all[k].extend_from_slice(&row[prompt_len..]);
+            }
+            windows.push(Window {
+                prompt_len,
+                frames: frames.clone(),
+            });
+            // The next window is prompted with this one minus its first `stride` frames.
+            prompt_frames = frames
+                .iter()
+                .map(|r| r[stride.min(r.len())..].to_vec())
+                .collect();
+        }
+        Ok(Generation {
+            frames: all,
+            windows,
+        })
+    }
+
+    /// One window: `len` frames, the first `prompt` ones given.
+    #[allow(clippy::too_many_arguments)]
+    fn generate_window(
+        &self,
+        cond: &super::lm::Conditioning,
+        guided: bool,
+        prompt: &[Vec<u32>],
+        len: usize,
+        window_index: u64,
+        opts: &GenerateOptions,
+        progress: Option<&ProgressBar>,
+    ) -> Result<Vec<Vec<u32>>> {
+        const UNKNOWN: u32 = u32::MAX;
+        let pattern = self.pattern();
+        let k_n = pattern.n_q();
+        let prompt_len = prompt.first().map_or(0, Vec::len);
+        let s_len = pattern.num_steps(len);
+        // The step sequence: known prompt frames, special tokens where no frame exists.
+        let mut seq = vec![vec![UNKNOWN; s_len]; k_n];
+        for (k, row) in seq.iter_mut().enumerate() {
+            for (s, slot) in row.iter_mut().enumerate() {
+                *slot = match pattern.frame_at(k, s, len) {
+                    None => pattern.special,
+                    Some(t) if t < prompt_len => prompt[k][t],
+                    Some(_) => UNKNOWN,
+                };
+            }
+        }
+        let batch = if guided { 2 } else { 1 };
+        let mut cache = self.lm.new_cache();
+        let start = pattern.first_step_after_prompt(prompt_len);
+        let mut prev = 0;
+        let card = self.cfg.lm.card;
+        for offset in start..s_len {
+            // Feed steps prev..offset (the whole prefix on the first call).
+            let width = offset - prev;
+            let mut input = Vec::with_capacity(batch * k_n * width);
+            for _ in 0..batch {
+                for row in &seq {
+                    input.extend_from_slice(&row[prev..offset]);
+                }
+            }
+            let input = Tensor::from_vec(input, (batch, k_n, width), &self.device)?;
+            let logits = self.lm.forward(&input, cond, Some(&mut cache))?; // [B, K, w, card]
+            let last = logits.narrow(2, width - 1, 1)?.squeeze(2)?; // [B, K, card]
+            let guided_logits = if guided {
+                let c = last.get(0)?;
+                let u = last.get(1)?;
+                (&u + ((c - &u)? * opts.guidance_scale)?)?
+            } else {
+                last.get(0)?
+            };
+            let rows: Vec<Vec<f32>> = guided_logits.to_vec2()?;
+            for (k, row) in rows.iter().enumerate() {
+                debug_assert_eq!(row.len(), card);
+                if seq[k][offset] == UNKNOWN {
+                    seq[k][offset] = if pattern.frame_at(k, offset, len).is_some() {
+                        opts.sampler
+                            .sample(row, &[window_index, offset as u64, k as u64])
+                    } else {
+                        pattern.special
+                    };
+                }
+            }
+            prev = offset;
+            if let Some(pb) = progress {
+                pb.inc(1);
+            }
+        }
+        Ok(pattern.revert(&seq, len))
+    }
+
+    /// Decodes frames `[K][T]` into audio `[channels, samples]` (before loudness normalisation).
+    pub fn decode(&self, frames: &[Vec<u32>]) -> Result<Tensor> {
+        let k = frames.len();
+        let t = frames.first().map_or(0, Vec::len);
+        let flat: Vec<u32> = frames.iter().flatten().copied().collect();
+        if let Some(&bad) = flat.iter().find(|&&c| c as usize >= self.cfg.codec.card) {
+            bail!(
+                "code {bad} is not a codebook entry (card {})",
+                self.cfg.codec.card
+            );
+        }
+        let codes = Tensor::from_vec(flat, (k, t), &self.device)?;
+        self.codec.decode(&codes, self.cfg.audio_channels)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_windows;
+
+    #[test]
+    fn windows_follow_audiocraft() {
+        // 50 fps, 30 s window, 18 s stride, 60 s: windows at 0, 18 and 36 s.
+        let plan = plan_windows(3000, 1500, 900);
+        assert_eq!(
+            plan,
+            vec![(0, 0, 1500), (900, 600, 1500), (1800, 600, 1200)]
+        );
+        let new: usize = plan.iter().map(|&(_, p, l)| l - p).sum();
+        assert_eq!(new, 3000);
+        assert_eq!(plan_windows(100, 1500, 900), vec![(0, 0, 100)]);
+    }
+}

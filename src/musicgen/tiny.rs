@@ -1,0 +1,355 @@
+//! The built-in tiny MusicGen: made deterministically from a seed, with no download.
+//! It has every part of a real one (T5 + tokenizer, LM, EnCodec) at toy sizes, and is
+//! what the tests, the benchmarks and the README's first command run on.
+//!
+//! `spintrak init-model DIR --tiny` writes it in the transformers layout, so Python's
+//! `MusicgenForConditionalGeneration.from_pretrained(DIR)` can open it too.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+
+use super::codec::Codec;
+use super::config::{
+    delay_pattern, CodecConfig, GenerationDefaults, LmConfig, MusicgenConfig, PadMode, T5Config,
+    T5FeedForward,
+};
+use super::lm::Lm;
+use super::loader::{from_transformers_tensors, LoadOptions};
+use super::model::MusicGen;
+use super::params::{Initializer, ParamStore};
+use super::t5::{T5Encoder, TextTokenizer};
+use crate::rng;
+
+/// Words the tiny tokenizer knows whole (with the sentencepiece word-start mark).
+const WORDS: &[&str] = &[
+    "rock",
+    "salsa",
+    "piano",
+    "guitar",
+    "guitars",
+    "drums",
+    "bass",
+    "calm",
+    "melody",
+    "slow",
+    "fast",
+    "happy",
+    "sad",
+    "groove",
+    "techno",
+    "ballad",
+    "moody",
+    "alternative",
+    "lively",
+    "horns",
+    "electric",
+    "steady",
+    "warm",
+    "soft",
+    "bright",
+    "indie",
+    "riff",
+    "melancholic",
+    "music",
+    "song",
+    "with",
+    "and",
+    "the",
+    "a",
+    "no",
+    "vocals",
+    "ocean",
+    "waves",
+    "chord",
+    "beat",
+    "jazz",
+    "pop",
+    "ambient",
+    "strings",
+    "synth",
+];
+
+/// The tiny model's tokenizer.json: a T5-style unigram tokenizer over characters and
+/// a few music words, ending every sequence with `</s>`.
+pub fn tokenizer_json() -> String {
+    let mut vocab: Vec<(String, f64)> = vec![
+        ("<pad>".into(), 0.0),
+        ("</s>".into(), 0.0),
+        ("<unk>".into(), 0.0),
+        ("▁".into(), -2.0),
+    ];
+    for w in WORDS {
+        vocab.push((format!("▁{w}"), -6.0));
+    }
+    let chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.;:'-!?()";
+    for c in chars.chars() {
+        vocab.push((format!("▁{c}"), -9.0));
+        vocab.push((c.to_string(), -10.0));
+    }
+    let vocab: Vec<serde_json::Value> = vocab
+        .into_iter()
+        .map(|(p, s)| serde_json::json!([p, s]))
+        .collect();
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let metaspace = serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true});
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, "<pad>"), special(1, "</s>"), special(2, "<unk>")],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFKC"},
+            {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}
+        ]},
+        "pre_tokenizer": metaspace,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}
+        },
+        "decoder": metaspace,
+        "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab, "byte_fallback": false}
+    })
+    .to_string()
+}
+
+/// The tiny model's configuration.
+pub fn config(vocab_size: usize) -> MusicgenConfig {
+    let t5 = T5Config {
+        vocab_size,
+        d_model: 32,
+        d_kv: 8,
+        d_ff: 64,
+        num_layers: 2,
+        num_heads: 4,
+        relative_attention_num_buckets: 32,
+        relative_attention_max_distance: 128,
+        layer_norm_epsilon: 1e-6,
+        feed_forward: T5FeedForward::Relu,
+    };
+    let codec = CodecConfig {
+        sample_rate: 8000,
+        channels: 1,
+        dimension: 32,
+        n_filters: 8,
+        ratios: vec![8, 5, 4],
+        kernel_size: 7,
+        last_kernel_size: 7,
+        residual_kernel_size: 3,
+        dilation_base: 2,
+        n_residual_layers: 1,
+        lstm_layers: 2,
+        compress: 2,
+        conv_shortcut: false,
+        pad_mode: PadMode::Reflect,
+        causal: false,
+        trim_right_ratio: 1.0,
+        n_q: 4,
+        card: 64,
+        codebook_dim: 32,
+    };
+    let lm = LmConfig {
+        dim: 64,
+        num_heads: 4,
+        num_layers: 2,
+        ffn_dim: 128,
+        n_q: 4,
+        card: 64,
+        delays: delay_pattern(4, 1),
+        cond_dim: 32,
+        cond_proj: true,
+        norm_eps: 1e-5,
+        max_period: 10_000.0,
+        scale_embedding: false,
+    };
+    let generation = GenerationDefaults {
+        window_seconds: 10.0,
+        ..GenerationDefaults::default()
+    };
+    MusicgenConfig {
+        lm,
+        codec,
+        t5,
+        generation,
+        audio_channels: 1,
+    }
+}
+
+/// Deterministic initial values, keyed by the tensor's name (not by construction order).
+fn initializer(seed: u64) -> Initializer {
+    Arc::new(move |name: &str, shape: &[usize]| -> Result<Tensor> {
+        let key = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let n: usize = shape.iter().product();
+        let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+        let normal = |std: f64| -> Vec<f32> {
+            (0..n)
+                .map(|i| (rng::normal(seed ^ key, i as u64, 0) * std) as f32)
+                .collect()
+        };
+        let data = if (shape.len() == 1 && name.ends_with(".weight")) || name.ends_with("weight_g")
+        {
+            vec![1.0f32; n] // layer-norm gains; weight-norm gains (W = v / ‖v‖)
+        } else if name.contains(".lstm.") {
+            let h = shape[0] as f64 / 4.0;
+            normal(1.0 / h.sqrt())
+        } else if shape.len() == 1 {
+            normal(0.02) // biases
+        } else if name.ends_with("codebook.embed") || name.contains("shared.weight") {
+            normal(1.0)
+        } else if name.starts_with("emb.") || name.contains("relative_attention_bias") {
+            normal(0.5)
+        } else {
+            normal(1.0 / (fan_in as f64).sqrt())
+        };
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    })
+}
+
+/// Audiocraft LM names -> transformers names (splitting the packed q/k/v).
+fn lm_to_transformers(lm: HashMap<String, Tensor>, dim: usize) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for (name, t) in lm {
+        let hf = if let Some(r) =
+            name.strip_prefix("condition_provider.conditioners.description.output_proj.")
+        {
+            format!("enc_to_dec_proj.{r}")
+        } else if let Some(r) = name.strip_prefix("linears.") {
+            format!("decoder.lm_heads.{r}")
+        } else if let Some(r) = name.strip_prefix("emb.") {
+            format!("decoder.model.decoder.embed_tokens.{r}")
+        } else if let Some(r) = name.strip_prefix("out_norm.") {
+            format!("decoder.model.decoder.layer_norm.{r}")
+        } else if let Some(r) = name.strip_prefix("transformer.layers.") {
+            let (idx, sub) = r.split_once('.').context("layer name")?;
+            let base = format!("decoder.model.decoder.layers.{idx}");
+            if let Some(attn) = sub.strip_suffix(".in_proj_weight") {
+                let hf_attn = if attn == "self_attn" {
+                    "self_attn"
+                } else {
+                    "encoder_attn"
+                };
+                for (i, x) in ["q", "k", "v"].iter().enumerate() {
+                    out.insert(
+                        format!("{base}.{hf_attn}.{x}_proj.weight"),
+                        t.narrow(0, i * dim, dim)?.contiguous()?,
+                    );
+                }
+                continue;
+            }
+            let sub = sub
+                .replacen("norm1.", "self_attn_layer_norm.", 1)
+                .replacen("norm_cross.", "encoder_attn_layer_norm.", 1)
+                .replacen("norm2.", "final_layer_norm.", 1)
+                .replacen("cross_attention.", "encoder_attn.", 1)
+                .replacen("linear1.", "fc1.", 1)
+                .replacen("linear2.", "fc2.", 1);
+            format!("{base}.{sub}")
+        } else {
+            anyhow::bail!("unexpected LM tensor {name}");
+        };
+        out.insert(hf, t);
+    }
+    Ok(out)
+}
+
+/// The tiny model's weights in transformers naming, its config and its tokenizer.
+pub fn build_tensors(seed: u64) -> Result<(MusicgenConfig, HashMap<String, Tensor>, String)> {
+    let tok_json = tokenizer_json();
+    let tokenizer = TextTokenizer::from_json(&tok_json)?;
+    let cfg = config(tokenizer.vocab_size());
+    let dev = Device::Cpu;
+    let init = initializer(seed);
+    let t5 = ParamStore::initializing(init.clone(), "tiny T5", &dev);
+    T5Encoder::new(&cfg.t5, t5.vb(true))?;
+    let lm = ParamStore::initializing(init.clone(), "tiny LM", &dev);
+    Lm::new(&cfg.lm, lm.vb(true))?;
+    let codec = ParamStore::initializing(init, "tiny EnCodec", &dev);
+    Codec::new(&cfg.codec, codec.vb(true))?;
+    let mut all: HashMap<String, Tensor> = HashMap::new();
+    all.extend(
+        t5.claimed()
+            .into_iter()
+            .map(|(k, v)| (format!("text_encoder.{k}"), v)),
+    );
+    all.extend(
+        codec
+            .claimed()
+            .into_iter()
+            .map(|(k, v)| (format!("audio_encoder.{k}"), v)),
+    );
+    all.extend(lm_to_transformers(lm.claimed(), cfg.lm.dim)?);
+    Ok((cfg, all, tok_json))
+}
+
+/// The built-in tiny MusicGen, in memory.
+pub fn build(seed: u64, device: &Device) -> Result<MusicGen> {
+    let (cfg, tensors, tok) = build_tensors(seed)?;
+    let tokenizer = TextTokenizer::from_json(&tok)?;
+    let mut model = from_transformers_tensors(
+        cfg,
+        tensors,
+        Path::new("<built-in tiny model>"),
+        Some(tokenizer),
+        &LoadOptions::default(),
+        device,
+    )?;
+    model.source = format!("builtin:tiny:{seed}");
+    Ok(model)
+}
+
+/// Writes the tiny model as a transformers directory.
+pub fn write(dir: &Path, seed: u64) -> Result<()> {
+    let (cfg, tensors, tok) = build_tensors(seed)?;
+    let (config, generation) = cfg.to_hf_json();
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+    crate::io::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    crate::io::write_atomic(
+        &dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&generation)?.as_bytes(),
+    )?;
+    crate::io::write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
+    let bytes = safetensors_bytes(&tensors)?;
+    crate::io::write_atomic(&dir.join("model.safetensors"), &bytes)?;
+    Ok(())
+}
+
+/// Serialises f32 tensors to safetensors bytes (sorted names: deterministic output).
+pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::with_capacity(names.len());
+    for name in names {
+        let t = &tensors[name];
+        let v: Vec<f32> = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        data.push((name.clone(), bytes, t.dims().to_vec()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, b, s)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(safetensors::serialize(views, None)?)
+}
