@@ -19,6 +19,7 @@ struct Cli {
 enum Command {
     GenerateAudio(cli::generate_audio::GenerateAudio),
     InitModel(cli::init_model::InitModel),
+    Bench(cli::bench::Bench),
 }
 
 fn main() -> ExitCode {
@@ -26,11 +27,24 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::GenerateAudio(c) => c.run(),
         Command::InitModel(c) => c.run(),
+        Command::Bench(c) => c.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line: each cause's first line (library errors may carry backtraces).
+            let msg: Vec<String> = e
+                .chain()
+                .map(|c| {
+                    c.to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string()
+                })
+                .collect();
+            eprintln!("error: {}", msg.join(": "));
             ExitCode::FAILURE
         }
     }

@@ -1,5 +1,6 @@
 //! Command-line interface: one module per subcommand, sharing argument groups.
 
+pub mod bench;
 pub mod generate_audio;
 pub mod init_model;
 

@@ -353,3 +353,63 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
         .collect::<Result<Vec<_>>>()?;
     Ok(safetensors::serialize(views, None)?)
 }
+
+/// A MusicGen of any shape with deterministic random weights, built directly (no files).
+pub fn random_model(cfg: MusicgenConfig, seed: u64, device: &Device) -> Result<MusicGen> {
+    let tokenizer = TextTokenizer::from_json(&tokenizer_json())?;
+    let init = initializer(seed);
+    let t5 = ParamStore::initializing(init.clone(), "random T5", device);
+    let lm = ParamStore::initializing(init.clone(), "random LM", device);
+    let codec = ParamStore::initializing(init, "random EnCodec", device);
+    let mut model = MusicGen::new(cfg, tokenizer, &t5, lm, codec, format!("random:{seed}"))?;
+    model.source = format!("random:{seed}");
+    Ok(model)
+}
+
+/// The tiny model's stereo sibling: 8 interleaved codebooks, 2-channel audio.
+pub fn stereo_config(vocab_size: usize) -> MusicgenConfig {
+    let mut cfg = config(vocab_size);
+    cfg.lm.n_q = 8;
+    cfg.lm.delays = delay_pattern(8, 2);
+    cfg.audio_channels = 2;
+    cfg
+}
+
+/// musicgen-small's shape (LM 1024 wide, 24 layers, 16 heads, 4 × 2048 codes; about
+/// 300M LM parameters) with facebook/encodec_32khz's codec and a one-layer T5 of
+/// t5-base's width: for benchmarks.
+pub fn small_shape_config(vocab_size: usize) -> MusicgenConfig {
+    let mut cfg = config(vocab_size);
+    cfg.t5 = T5Config {
+        vocab_size,
+        d_model: 768,
+        d_kv: 64,
+        d_ff: 3072,
+        num_layers: 1,
+        num_heads: 12,
+        relative_attention_num_buckets: 32,
+        relative_attention_max_distance: 128,
+        layer_norm_epsilon: 1e-6,
+        feed_forward: T5FeedForward::Relu,
+    };
+    cfg.codec = CodecConfig {
+        sample_rate: 32000,
+        dimension: 128,
+        n_filters: 64,
+        ratios: vec![8, 5, 4, 4],
+        card: 2048,
+        codebook_dim: 128,
+        ..cfg.codec
+    };
+    cfg.lm = LmConfig {
+        dim: 1024,
+        num_heads: 16,
+        num_layers: 24,
+        ffn_dim: 4096,
+        card: 2048,
+        cond_dim: 768,
+        ..cfg.lm
+    };
+    cfg.generation.window_seconds = 30.0;
+    cfg
+}
