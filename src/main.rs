@@ -18,6 +18,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     GenerateAudio(cli::generate_audio::GenerateAudio),
+    GenerateGradients(cli::generate_gradients::GenerateGradients),
     InitModel(cli::init_model::InitModel),
     Bench(cli::bench::Bench),
 }
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::GenerateAudio(c) => c.run(),
+        Command::GenerateGradients(c) => c.run(),
         Command::InitModel(c) => c.run(),
         Command::Bench(c) => c.run(),
     };

@@ -139,7 +139,13 @@ fn stereo_model_generates_two_channels() {
     let vocab = spintrak::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json())
         .unwrap()
         .vocab_size();
-    let model = tiny::random_model(tiny::stereo_config(vocab), 5, &Device::Cpu).unwrap();
+    let model = tiny::random_model(
+        tiny::stereo_config(vocab),
+        5,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let gen = model
         .generate("rock riff", 0.4, &opts(&model, 1, 250), None)
         .unwrap();

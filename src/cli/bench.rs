@@ -107,7 +107,12 @@ impl Bench {
         if want("small") {
             let vocab = crate::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json())?
                 .vocab_size();
-            let model = tiny::random_model(tiny::small_shape_config(vocab), 7, &Device::Cpu)?;
+            let model = tiny::random_model(
+                tiny::small_shape_config(vocab),
+                7,
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?;
             results.insert(
                 "musicgen_small_shape".into(),
                 bench_generation(&model, self.seconds, bandwidth)?,

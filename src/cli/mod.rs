@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod generate_audio;
+pub mod generate_gradients;
 pub mod init_model;
 
 use std::path::PathBuf;
@@ -10,8 +11,11 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Args;
 
+use crate::attribution::{gradient_dim, Example, Objective, ProjectorKind, ProjectorSpec};
 use crate::musicgen::sampling::Sampler;
 use crate::musicgen::{tiny, GenerateOptions, LoadOptions, MusicGen};
+use crate::store::embedding_file::{Header, ModelInfo, Record, FORMAT_VERSION};
+use crate::store::EmbeddingFile;
 
 /// Seed of the built-in tiny model.
 pub const TINY_SEED: u64 = 1234;
@@ -135,4 +139,97 @@ pub fn parse_duration(s: &str) -> std::result::Result<f64, String> {
         return Err(format!("the duration must be positive, got {s}"));
     }
     Ok(v)
+}
+
+/// How gradients are projected.
+#[derive(Debug, Clone, Args)]
+pub struct ProjectionArgs {
+    /// Projection: `sparse` (default: O(D·s), fast on a CPU), `normal` (dense Gaussian, the
+    /// earlier tool's and TRAK's: O(D·k), about 6 hours per example for musicgen-small at
+    /// k = 8192 on 2 cores), `rademacher` (dense ±1), `identity` (the raw gradient, k = D).
+    #[arg(long, value_enum, default_value_t = ProjectorKind::Sparse)]
+    pub projector: ProjectorKind,
+    /// Output dimension k (default: 512·floor(JL(D, 0.15)/512), about 8192 for 3.3B parameters).
+    #[arg(long)]
+    pub proj_dim: Option<usize>,
+    /// Seed of the random projection (all embeddings that are compared must share it).
+    #[arg(long, default_value_t = 42)]
+    pub proj_seed: u64,
+    /// Non-zeros per column of the sparse projection.
+    #[arg(long, default_value_t = 8)]
+    pub proj_sparsity: usize,
+}
+
+impl ProjectionArgs {
+    pub fn spec(&self, model: &MusicGen) -> Result<ProjectorSpec> {
+        let (dec, lm) = gradient_dim(model);
+        ProjectorSpec::new(
+            self.projector,
+            self.proj_seed,
+            self.proj_dim,
+            dec + lm,
+            self.proj_sparsity,
+        )
+    }
+}
+
+/// The header fields describing a model.
+pub fn model_info(model: &MusicGen) -> Result<ModelInfo> {
+    let (dec, lm) = gradient_dim(model);
+    Ok(ModelInfo {
+        fingerprint: model.fingerprint()?,
+        source: model.source.clone(),
+        decoder_parameters: dec,
+        lm_parameters: lm,
+    })
+}
+
+/// An embedding file of the given rows.
+pub fn single_file(
+    model: &MusicGen,
+    objective: &dyn Objective,
+    spec: &ProjectorSpec,
+    rows: Vec<(Example, Vec<f32>)>,
+) -> Result<EmbeddingFile> {
+    let mut records = Vec::with_capacity(rows.len());
+    let mut data = Vec::with_capacity(rows.len() * spec.k);
+    for (ex, emb) in rows {
+        records.push(Record {
+            name: ex.name,
+            prompt: ex.prompt,
+            duration: ex.duration,
+            seed: ex.seed,
+            source: ex.source,
+        });
+        data.extend(emb);
+    }
+    Ok(EmbeddingFile {
+        header: Header {
+            format_version: FORMAT_VERSION,
+            model: model_info(model)?,
+            objective: objective.info(),
+            projector: spec.clone(),
+            records,
+        },
+        data,
+    })
+}
+
+/// Fails early (before hours of work) when an output's directory does not exist.
+pub fn check_output_dir(path: &std::path::Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "{}: the directory {} does not exist; create it or choose another output",
+            path.display(),
+            dir.display()
+        );
+    }
+    if path.is_dir() {
+        bail!("{}: is a directory; give a file name", path.display());
+    }
+    Ok(())
 }

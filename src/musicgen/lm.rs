@@ -95,7 +95,7 @@ impl Attention {
         }
         let (s, kv) = (q.dim(2)?, k.dim(2)?);
         let mask = if s > 1 {
-            Some(causal_mask(s, kv, x.device())?)
+            Some(causal_mask(s, kv, x.dtype(), x.device())?)
         } else {
             None
         };
@@ -291,7 +291,14 @@ impl Lm {
         if self.cfg.scale_embedding {
             h = (h * (self.cfg.dim as f64).sqrt())?;
         }
-        let pos = sinusoidal_positions(offset, s, self.cfg.dim, self.cfg.max_period, &self.device)?;
+        let pos = sinusoidal_positions(
+            offset,
+            s,
+            self.cfg.dim,
+            self.cfg.max_period,
+            h.dtype(),
+            &self.device,
+        )?;
         h = h.broadcast_add(&pos)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);

@@ -76,6 +76,8 @@ pub struct MusicGen {
     pub lm_params: ParamStore,
     /// Codec tensors; its parameters are the decoder's.
     pub codec_params: ParamStore,
+    /// The frozen T5's tensors.
+    pub t5_params: ParamStore,
     /// Inference copies (no autograd graph is built through them).
     pub lm: Lm,
     pub codec: Codec,
@@ -112,6 +114,7 @@ impl MusicGen {
             t5,
             lm_params,
             codec_params,
+            t5_params: t5_params.clone(),
             lm,
             codec,
             device,
@@ -277,7 +280,7 @@ impl MusicGen {
             } else {
                 last.get(0)?
             };
-            let rows: Vec<Vec<f32>> = guided_logits.to_vec2()?;
+            let rows: Vec<Vec<f32>> = guided_logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
             for (k, row) in rows.iter().enumerate() {
                 debug_assert_eq!(row.len(), card);
                 if seq[k][offset] == UNKNOWN {
@@ -310,6 +313,44 @@ impl MusicGen {
         }
         let codes = Tensor::from_vec(flat, (k, t), &self.device)?;
         self.codec.decode(&codes, self.cfg.audio_channels)
+    }
+}
+
+impl MusicGen {
+    /// A hash of everything that shapes a gradient embedding: the model config (minus
+    /// sampling defaults), and every tensor of the codec decoder, the LM, the codebooks
+    /// and the T5 encoder, in canonical names and order. The same weights give the same
+    /// fingerprint whichever checkpoint layout they were loaded from.
+    pub fn fingerprint(&self) -> Result<String> {
+        use xxhash_rust::xxh3::Xxh3;
+        let mut h = Xxh3::new();
+        let shape = serde_json::json!({
+            "lm": self.cfg.lm, "codec": self.cfg.codec, "t5": self.cfg.t5, "audio_channels": self.cfg.audio_channels,
+        });
+        h.update(shape.to_string().as_bytes());
+        let mut feed = |name: &str, t: &Tensor| -> Result<()> {
+            h.update(name.as_bytes());
+            for d in t.dims() {
+                h.update(&(*d as u64).to_le_bytes());
+            }
+            let v: Vec<f32> = t
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1()?;
+            for x in v {
+                h.update(&x.to_le_bytes());
+            }
+            Ok(())
+        };
+        for store in [&self.codec_params, &self.lm_params, &self.t5_params] {
+            let claimed = store.claimed();
+            let mut names: Vec<&String> = claimed.keys().collect();
+            names.sort();
+            for n in names {
+                feed(n, &claimed[n])?;
+            }
+        }
+        Ok(format!("xxh3:{:032x}", h.digest128()))
     }
 }
 

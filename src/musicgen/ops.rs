@@ -227,21 +227,22 @@ pub fn sinusoidal_positions(
     len: usize,
     dim: usize,
     max_period: f64,
+    dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
     let half = dim / 2;
-    let mut data = vec![0f32; len * dim];
+    let mut data = vec![0f64; len * dim];
     for p in 0..len {
         let pos = (offset + p) as f64;
         for i in 0..half {
             let denom = if half > 1 { (half - 1) as f64 } else { 1.0 };
             let freq = (-(max_period.ln()) * i as f64 / denom).exp();
             let phase = pos * freq;
-            data[p * dim + i] = phase.cos() as f32;
-            data[p * dim + half + i] = phase.sin() as f32;
+            data[p * dim + i] = phase.cos();
+            data[p * dim + half + i] = phase.sin();
         }
     }
-    Tensor::from_vec(data, (len, dim), device)
+    Tensor::from_vec(data, (len, dim), device)?.to_dtype(dtype)
 }
 
 /// An embedding lookup that stays differentiable with respect to the table.
@@ -264,7 +265,7 @@ impl Module for Identity {
 
 /// Upper-triangular additive mask (−inf above the diagonal), `[q_len, kv_len]`, for
 /// queries that sit at the last `q_len` positions of `kv_len`.
-pub fn causal_mask(q_len: usize, kv_len: usize, device: &Device) -> Result<Tensor> {
+pub fn causal_mask(q_len: usize, kv_len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let offset = kv_len - q_len;
     let data: Vec<f32> = (0..q_len)
         .flat_map(|i| {
@@ -277,7 +278,7 @@ pub fn causal_mask(q_len: usize, kv_len: usize, device: &Device) -> Result<Tenso
             })
         })
         .collect();
-    Tensor::from_vec(data, (q_len, kv_len), device)?.to_dtype(DType::F32)
+    Tensor::from_vec(data, (q_len, kv_len), device)?.to_dtype(dtype)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 struct Inner {
     /// Tensors read from the checkpoint, not yet claimed by the model.
@@ -33,6 +33,7 @@ pub struct ParamStore {
     /// Where the tensors came from, for error messages.
     origin: String,
     device: Device,
+    dtype: DType,
     init: Option<Initializer>,
 }
 
@@ -51,6 +52,7 @@ impl ParamStore {
             })),
             origin: origin.into(),
             device: device.clone(),
+            dtype: DType::F32,
             init: None,
         }
     }
@@ -77,6 +79,16 @@ impl ParamStore {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A poisoned lock only means another thread panicked mid-read; the map is intact.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Computes in `dtype` (F32 by default; F64 for finite-difference checks).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn origin(&self) -> &str {
@@ -164,9 +176,7 @@ impl ParamStore {
             );
         };
         check_shape(&self.origin, name, &t, shape)?;
-        let t = t
-            .to_device(&self.device)?
-            .to_dtype(candle_core::DType::F32)?;
+        let t = t.to_device(&self.device)?.to_dtype(self.dtype)?;
         if trainable {
             let var = Var::from_tensor(&t)?;
             let out = if detach {

@@ -355,12 +355,18 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
 }
 
 /// A MusicGen of any shape with deterministic random weights, built directly (no files).
-pub fn random_model(cfg: MusicgenConfig, seed: u64, device: &Device) -> Result<MusicGen> {
+/// Its weights equal those of the tiny model (`build`) when given the tiny config and seed.
+pub fn random_model(
+    cfg: MusicgenConfig,
+    seed: u64,
+    dtype: candle_core::DType,
+    device: &Device,
+) -> Result<MusicGen> {
     let tokenizer = TextTokenizer::from_json(&tokenizer_json())?;
     let init = initializer(seed);
-    let t5 = ParamStore::initializing(init.clone(), "random T5", device);
-    let lm = ParamStore::initializing(init.clone(), "random LM", device);
-    let codec = ParamStore::initializing(init, "random EnCodec", device);
+    let t5 = ParamStore::initializing(init.clone(), "random T5", device).with_dtype(dtype);
+    let lm = ParamStore::initializing(init.clone(), "random LM", device).with_dtype(dtype);
+    let codec = ParamStore::initializing(init, "random EnCodec", device).with_dtype(dtype);
     let mut model = MusicGen::new(cfg, tokenizer, &t5, lm, codec, format!("random:{seed}"))?;
     model.source = format!("random:{seed}");
     Ok(model)

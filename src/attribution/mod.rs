@@ -1,0 +1,10 @@
+//! TRAK-style attribution: the objective whose gradient is taken, the gradient
+//! computation over the LM and the codec decoder, and the random projection.
+
+pub mod gradient;
+pub mod objective;
+pub mod projector;
+
+pub use gradient::{embed, for_each_gradient, gradient_dim, Timings};
+pub use objective::{Example, GenerationObjective, Objective, Prepared};
+pub use projector::{ProjectorKind, ProjectorSpec};

@@ -1,0 +1,185 @@
+//! What is differentiated. An objective prepares an example (e.g. generates it) and
+//! then gives two scalars: one that depends on the codec decoder's parameters and one
+//! on the LM's. New objectives (audio NLL, ...) are one more implementation of the trait.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use indicatif::ProgressBar;
+use serde::{Deserialize, Serialize};
+
+use crate::musicgen::codec::Codec;
+use crate::musicgen::lm::Lm;
+use crate::musicgen::sampling::Sampler;
+use crate::musicgen::{GenerateOptions, Generation, MusicGen};
+use crate::store::embedding_file::ObjectiveInfo;
+
+/// One example to embed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub name: String,
+    pub prompt: String,
+    pub duration: f64,
+    pub seed: u64,
+    pub source: Option<String>,
+}
+
+/// What an objective computed before differentiating: the codes and the text states.
+pub struct Prepared {
+    pub generation: Generation,
+    /// Frozen T5 states `[1, L, cond_dim]`.
+    pub t5: Tensor,
+}
+
+/// A differentiable objective over MusicGen.
+pub trait Objective: Send + Sync {
+    /// Name and every setting the embedding depends on (stored in file headers).
+    fn info(&self) -> ObjectiveInfo;
+    /// Work done without gradients (generation, encoding).
+    fn prepare(
+        &self,
+        model: &MusicGen,
+        example: &Example,
+        progress: Option<&ProgressBar>,
+    ) -> Result<Prepared>;
+    /// The scalar whose gradient is taken w.r.t. the codec decoder (`codec` is tracked).
+    fn codec_value(&self, model: &MusicGen, codec: &Codec, prepared: &Prepared) -> Result<Tensor>;
+    /// The scalar whose gradient is taken w.r.t. the LM (`lm` is tracked).
+    fn lm_value(&self, model: &MusicGen, lm: &Lm, prepared: &Prepared) -> Result<Tensor>;
+}
+
+/// Sampling settings of the `generation` objective.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationSettings {
+    pub use_sampling: bool,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub guidance_scale: f64,
+    pub extend_stride: f64,
+}
+
+/// The earlier tool's objective, defined precisely and without its accumulation bug.
+/// For (prompt, seed, duration): generate; then, with the tokens fixed,
+/// - `f_LM = (1/T) Σ_s mean(L_s)`, `L_s` (K × card) the guided logits
+///   `L_uncond + cfg·(L_cond − L_uncond)` at every sampling step `s` of the delay-pattern
+///   sequence (teacher-forced, per window), `T` the number of generated frames;
+/// - `f_codec = mean` of the decoded waveform (all samples and channels, before
+///   loudness normalisation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationObjective {
+    pub settings: GenerationSettings,
+}
+
+impl GenerationObjective {
+    pub fn from_options(opts: &GenerateOptions) -> Self {
+        Self {
+            settings: GenerationSettings {
+                use_sampling: opts.sampler.use_sampling,
+                temperature: opts.sampler.temperature,
+                top_k: opts.sampler.top_k,
+                top_p: opts.sampler.top_p,
+                guidance_scale: opts.guidance_scale,
+                extend_stride: opts.extend_stride,
+            },
+        }
+    }
+
+    pub fn options(&self, seed: u64) -> GenerateOptions {
+        let s = &self.settings;
+        GenerateOptions {
+            sampler: Sampler {
+                use_sampling: s.use_sampling,
+                temperature: s.temperature,
+                top_k: s.top_k,
+                top_p: s.top_p,
+                seed,
+            },
+            guidance_scale: s.guidance_scale,
+            extend_stride: s.extend_stride,
+        }
+    }
+}
+
+/// `[B, K, S]` u32 tensor of `batch` copies of the step rows `steps[k][range]`.
+fn step_tensor(
+    steps: &[Vec<u32>],
+    range: std::ops::Range<usize>,
+    batch: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let k = steps.len();
+    let width = range.len();
+    let mut flat = Vec::with_capacity(batch * k * width);
+    for _ in 0..batch {
+        for row in steps {
+            flat.extend_from_slice(&row[range.clone()]);
+        }
+    }
+    Ok(Tensor::from_vec(flat, (batch, k, width), device)?)
+}
+
+impl Objective for GenerationObjective {
+    fn info(&self) -> ObjectiveInfo {
+        ObjectiveInfo {
+            name: "generation".into(),
+            settings: serde_json::to_value(&self.settings).unwrap_or(serde_json::Value::Null),
+        }
+    }
+
+    fn prepare(
+        &self,
+        model: &MusicGen,
+        example: &Example,
+        progress: Option<&ProgressBar>,
+    ) -> Result<Prepared> {
+        let generation = model.generate(
+            &example.prompt,
+            example.duration,
+            &self.options(example.seed),
+            progress,
+        )?;
+        Ok(Prepared {
+            generation,
+            t5: model.encode_text(&example.prompt)?,
+        })
+    }
+
+    fn codec_value(&self, model: &MusicGen, codec: &Codec, prepared: &Prepared) -> Result<Tensor> {
+        let codes = prepared.generation.frames_tensor(&model.device)?;
+        Ok(codec.decode(&codes, model.cfg.audio_channels)?.mean_all()?)
+    }
+
+    fn lm_value(&self, model: &MusicGen, lm: &Lm, prepared: &Prepared) -> Result<Tensor> {
+        let pattern = model.pattern();
+        let cfg = lm.config();
+        let guided = self.settings.guidance_scale != 1.0;
+        let batch = if guided { 2 } else { 1 };
+        let states = lm.project_condition(&prepared.t5)?;
+        let cond = lm.conditioning(&states, 1)?;
+        let mut total: Option<Tensor> = None;
+        for window in &prepared.generation.windows {
+            let steps = pattern.build(&window.frames);
+            let s_len = steps[0].len();
+            let start = pattern.first_step_after_prompt(window.prompt_len);
+            // Teacher forcing: the logits at position s−1 are those that sampled step s.
+            let input = step_tensor(&steps, 0..s_len - 1, batch, &model.device)?;
+            let logits = lm.forward(&input, &cond, None)?; // [B, K, S−1, card]
+            let logits = if guided {
+                let c = logits.get(0)?;
+                let u = logits.get(1)?;
+                (&u + ((c - &u)? * self.settings.guidance_scale)?)?
+            } else {
+                logits.get(0)?
+            };
+            let sampled = logits.narrow(1, start - 1, s_len - start)?;
+            // Σ_s mean_{k,c} L_s
+            let sum = (sampled.sum_all()? / (cfg.n_q * cfg.card) as f64)?;
+            total = Some(match total {
+                None => sum,
+                Some(t) => (t + sum)?,
+            });
+        }
+        let total = total.ok_or_else(|| anyhow::anyhow!("nothing was generated"))?;
+        Ok((total / prepared.generation.num_frames() as f64)?)
+    }
+}

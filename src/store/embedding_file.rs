@@ -1,0 +1,217 @@
+//! The embedding file (`.bin`): a safetensors file with one `embeddings` tensor
+//! (n × k, f32) and, under the metadata key `spintrak`, a JSON header saying exactly how
+//! the rows were made: format version, model fingerprint, objective, projector, and one
+//! record per row. Python reads it with `safetensors.numpy.load_file(path)["embeddings"]`
+//! and `json.loads(safetensors.safe_open(path, "np").metadata()["spintrak"])`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::attribution::projector::ProjectorSpec;
+
+pub const FORMAT_VERSION: u32 = 1;
+const METADATA_KEY: &str = "spintrak";
+const TENSOR: &str = "embeddings";
+
+/// One embedded example.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Display name (the training audio's file name, or the experiment case).
+    pub name: String,
+    pub prompt: String,
+    /// Seconds.
+    pub duration: f64,
+    pub seed: u64,
+    /// Where the example came from (relative path of a training file), if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// The model an embedding was computed with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Hash of the config and of every tensor the gradient covers (layout independent).
+    pub fingerprint: String,
+    /// Where it was loaded from (informational).
+    pub source: String,
+    /// Parameters of the gradient: codec decoder, then LM.
+    pub decoder_parameters: usize,
+    pub lm_parameters: usize,
+}
+
+/// The objective whose gradient was embedded, with every setting it depends on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObjectiveInfo {
+    pub name: String,
+    pub settings: serde_json::Value,
+}
+
+/// The header of an embedding file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    pub format_version: u32,
+    pub model: ModelInfo,
+    pub objective: ObjectiveInfo,
+    pub projector: ProjectorSpec,
+    pub records: Vec<Record>,
+}
+
+impl Header {
+    /// Fails, naming the field, when rows of `other` cannot be compared with ours.
+    pub fn check_compatible(&self, other: &Header, ours: &str, theirs: &str) -> Result<()> {
+        let differ = |field: &str, a: String, b: String| -> Result<()> {
+            if a != b {
+                bail!("{ours} and {theirs} differ in {field} ({a} vs {b}); embeddings made with different settings cannot be combined");
+            }
+            Ok(())
+        };
+        differ(
+            "format_version",
+            self.format_version.to_string(),
+            other.format_version.to_string(),
+        )?;
+        differ(
+            "model fingerprint",
+            self.model.fingerprint.clone(),
+            other.model.fingerprint.clone(),
+        )?;
+        differ(
+            "objective",
+            self.objective.name.clone(),
+            other.objective.name.clone(),
+        )?;
+        differ(
+            "objective settings",
+            self.objective.settings.to_string(),
+            other.objective.settings.to_string(),
+        )?;
+        differ(
+            "projector kind",
+            format!("{:?}", self.projector.kind),
+            format!("{:?}", other.projector.kind),
+        )?;
+        differ(
+            "projector seed",
+            self.projector.seed.to_string(),
+            other.projector.seed.to_string(),
+        )?;
+        differ(
+            "projector k",
+            self.projector.k.to_string(),
+            other.projector.k.to_string(),
+        )?;
+        differ(
+            "projector D",
+            self.projector.d.to_string(),
+            other.projector.d.to_string(),
+        )?;
+        differ(
+            "projector sparsity",
+            self.projector.sparsity.to_string(),
+            other.projector.sparsity.to_string(),
+        )?;
+        Ok(())
+    }
+}
+
+/// An embedding file in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingFile {
+    pub header: Header,
+    /// Row-major n × k.
+    pub data: Vec<f32>,
+}
+
+impl EmbeddingFile {
+    pub fn rows(&self) -> usize {
+        self.header.records.len()
+    }
+
+    pub fn k(&self) -> usize {
+        self.header.projector.k
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        let k = self.k();
+        &self.data[i * k..(i + 1) * k]
+    }
+
+    /// Serialised bytes (deterministic for equal contents).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let n = self.rows();
+        let k = self.k();
+        if self.data.len() != n * k {
+            bail!("{} numbers for {n} rows of {k}", self.data.len());
+        }
+        let bytes: Vec<u8> = self.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, k], &bytes)?;
+        let mut meta = HashMap::new();
+        meta.insert(
+            METADATA_KEY.to_string(),
+            serde_json::to_string(&self.header)?,
+        );
+        Ok(safetensors::serialize([(TENSOR, view)], Some(meta))?)
+    }
+
+    /// Writes atomically (temporary file, then rename): never a half-written file.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        crate::io::write_atomic(path, &self.to_bytes()?)
+    }
+
+    /// Reads and validates a file written by spintrak.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::from_bytes(&bytes).with_context(|| format!("{}", path.display()))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        if bytes.is_empty() {
+            bail!("the file is empty");
+        }
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow!("not an embedding file (not safetensors, or truncated: {e})"))?;
+        let header_json = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(METADATA_KEY))
+            .ok_or_else(|| {
+                anyhow!("a safetensors file without a spintrak header: not an embedding file")
+            })?;
+        let header: Header = serde_json::from_str(header_json)
+            .map_err(|e| anyhow!("the spintrak header is invalid: {e}"))?;
+        if header.format_version != FORMAT_VERSION {
+            bail!(
+                "embedding format version {} is not supported (this build reads {FORMAT_VERSION})",
+                header.format_version
+            );
+        }
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow!("the file is truncated or corrupt: {e}"))?;
+        let t = st
+            .tensor(TENSOR)
+            .map_err(|_| anyhow!("no `{TENSOR}` tensor"))?;
+        let n = header.records.len();
+        let k = header.projector.k;
+        if t.dtype() != safetensors::Dtype::F32 || t.shape() != [n, k] {
+            bail!(
+                "`{TENSOR}` is {:?} {:?}, the header says f32 [{n}, {k}]",
+                t.dtype(),
+                t.shape()
+            );
+        }
+        let data: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if data.iter().any(|x| !x.is_finite()) {
+            bail!("the embeddings contain NaN or infinite values");
+        }
+        Ok(Self { header, data })
+    }
+}
