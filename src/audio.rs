@@ -25,37 +25,19 @@ pub fn normalize_loudness(channels: &mut [Vec<f32>], sample_rate: u32) -> Result
     let energy = if n == 0 {
         0.0
     } else {
-        (channels
-            .iter()
-            .flatten()
-            .map(|&x| (x as f64).powi(2))
-            .sum::<f64>()
-            / n as f64)
-            .sqrt()
+        (channels.iter().flatten().map(|&x| (x as f64).powi(2)).sum::<f64>() / n as f64).sqrt()
     };
     if energy < ENERGY_FLOOR {
-        return Ok(Loudness {
-            input_lufs: None,
-            gain_db: 0.0,
-            limited: false,
-        });
+        return Ok(Loudness { input_lufs: None, gain_db: 0.0, limited: false });
     }
     let mut meter = ebur128::EbuR128::new(channels.len() as u32, sample_rate, ebur128::Mode::I)
         .map_err(|e| anyhow::anyhow!("loudness meter: {e:?}"))?;
     let refs: Vec<&[f32]> = channels.iter().map(Vec::as_slice).collect();
-    meter
-        .add_frames_planar_f32(&refs)
-        .map_err(|e| anyhow::anyhow!("loudness meter: {e:?}"))?;
-    let lufs = meter
-        .loudness_global()
-        .map_err(|e| anyhow::anyhow!("loudness meter: {e:?}"))?;
+    meter.add_frames_planar_f32(&refs).map_err(|e| anyhow::anyhow!("loudness meter: {e:?}"))?;
+    let lufs = meter.loudness_global().map_err(|e| anyhow::anyhow!("loudness meter: {e:?}"))?;
     if !lufs.is_finite() {
         // Too short for a gated measurement (< 400 ms): leave it as is.
-        return Ok(Loudness {
-            input_lufs: None,
-            gain_db: 0.0,
-            limited: false,
-        });
+        return Ok(Loudness { input_lufs: None, gain_db: 0.0, limited: false });
     }
     let mut gain_db = TARGET_LUFS - lufs;
     let peak = channels.iter().flatten().fold(0f32, |m, &x| m.max(x.abs())) as f64;
@@ -68,11 +50,7 @@ pub fn normalize_loudness(channels: &mut [Vec<f32>], sample_rate: u32) -> Result
     for x in channels.iter_mut().flatten() {
         *x *= gain;
     }
-    Ok(Loudness {
-        input_lufs: Some(lufs),
-        gain_db,
-        limited,
-    })
+    Ok(Loudness { input_lufs: Some(lufs), gain_db, limited })
 }
 
 /// Writes planar channels as a 16-bit PCM WAV, atomically.
@@ -105,9 +83,7 @@ mod tests {
     #[test]
     fn normalises_a_sine_to_target_without_clipping() {
         let sr = 8000u32;
-        let mut ch = vec![(0..sr * 3)
-            .map(|i| 0.01 * (i as f32 * 0.3).sin())
-            .collect::<Vec<f32>>()];
+        let mut ch = vec![(0..sr * 3).map(|i| 0.01 * (i as f32 * 0.3).sin()).collect::<Vec<f32>>()];
         let info = normalize_loudness(&mut ch, sr).unwrap();
         assert!(info.input_lufs.is_some());
         let mut meter = ebur128::EbuR128::new(1, sr, ebur128::Mode::I).unwrap();

@@ -35,17 +35,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: each cause's first line (library errors may carry backtraces).
-            let msg: Vec<String> = e
-                .chain()
-                .map(|c| {
-                    c.to_string()
-                        .lines()
-                        .next()
-                        .unwrap_or_default()
-                        .trim()
-                        .to_string()
-                })
-                .collect();
+            let msg: Vec<String> =
+                e.chain().map(|c| c.to_string().lines().next().unwrap_or_default().trim().to_string()).collect();
             eprintln!("error: {}", msg.join(": "));
             ExitCode::FAILURE
         }

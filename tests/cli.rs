@@ -19,19 +19,10 @@ fn stderr(o: &Output) -> String {
 /// A failed run: non-zero exit, one `error:` line mentioning every `needle`, no panic.
 fn assert_clean_error(o: &Output, needles: &[&str]) {
     let err = stderr(o);
-    assert!(
-        !o.status.success(),
-        "expected failure, got success; stderr: {err}"
-    );
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
+    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(
-        lines.len() == 1 || err.contains("Usage"),
-        "expected one line, got: {err}"
-    );
+    assert!(lines.len() == 1 || err.contains("Usage"), "expected one line, got: {err}");
     for n in needles {
         assert!(err.contains(n), "error should mention `{n}`: {err}");
     }
@@ -97,60 +88,17 @@ fn bad_inputs_give_one_line_errors() {
     let out_s = out.to_str().unwrap();
     // Empty prompt, non-positive and non-numeric durations.
     assert_clean_error(
-        &spintrak(
-            &[
-                "generate-audio",
-                "--prompt",
-                "  ",
-                "--duration",
-                "2",
-                "--output",
-                out_s,
-            ],
-            &[],
-        ),
+        &spintrak(&["generate-audio", "--prompt", "  ", "--duration", "2", "--output", out_s], &[]),
         &["prompt"],
     );
-    let o = spintrak(
-        &[
-            "generate-audio",
-            "--prompt",
-            "a",
-            "--duration",
-            "0",
-            "--output",
-            out_s,
-        ],
-        &[],
-    );
+    let o = spintrak(&["generate-audio", "--prompt", "a", "--duration", "0", "--output", out_s], &[]);
     assert!(!o.status.success() && stderr(&o).contains("duration"));
-    let o = spintrak(
-        &[
-            "generate-audio",
-            "--prompt",
-            "a",
-            "--duration",
-            "-3",
-            "--output",
-            out_s,
-        ],
-        &[],
-    );
+    let o = spintrak(&["generate-audio", "--prompt", "a", "--duration", "-3", "--output", out_s], &[]);
     assert!(!o.status.success() && stderr(&o).contains("duration"));
     // Missing model directory.
     assert_clean_error(
         &spintrak(
-            &[
-                "generate-audio",
-                "--model",
-                "/nonexistent/dir",
-                "--prompt",
-                "a",
-                "--duration",
-                "1",
-                "--output",
-                out_s,
-            ],
+            &["generate-audio", "--model", "/nonexistent/dir", "--prompt", "a", "--duration", "1", "--output", out_s],
             &[],
         ),
         &["/nonexistent/dir"],
@@ -237,8 +185,7 @@ fn unsupported_config_is_explained() {
     let model = dir.path().join("m");
     write_tiny(&model);
     let cfg_path = model.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["decoder"]["activation_function"] = serde_json::json!("relu");
     std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
     let out = dir.path().join("x.wav");

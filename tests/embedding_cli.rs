@@ -36,10 +36,7 @@ fn byte_identical_with_one_and_two_threads() {
     let dir = tempfile::tempdir().unwrap();
     for projector in ["sparse", "normal"] {
         // Same file name (it becomes the record's name), different folders.
-        let (da, db) = (
-            dir.path().join(format!("{projector}-1")),
-            dir.path().join(format!("{projector}-2")),
-        );
+        let (da, db) = (dir.path().join(format!("{projector}-1")), dir.path().join(format!("{projector}-2")));
         std::fs::create_dir(&da).unwrap();
         std::fs::create_dir(&db).unwrap();
         let (a, b) = (da.join("e.bin"), db.join("e.bin"));
@@ -48,11 +45,7 @@ fn byte_identical_with_one_and_two_threads() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let o = gradients(b.to_str().unwrap(), &extra, &[("RAYON_NUM_THREADS", "2")]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(
-            std::fs::read(&a).unwrap(),
-            std::fs::read(&b).unwrap(),
-            "{projector}"
-        );
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "{projector}");
     }
 }
 
@@ -74,32 +67,15 @@ with safe_open(p, "np") as f:
 print(json.dumps({"shape": list(emb.shape), "dtype": str(emb.dtype), "sum": float(emb.astype("float64").sum()),
                   "first": [float(x) for x in emb[0, :5]], "header": header}))
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&path)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("python3").arg("-c").arg(script).arg(&path).output().expect("python3");
+    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["shape"], serde_json::json!([1, 1024]));
     assert_eq!(v["dtype"], "float32");
     let sum: f64 = file.data.iter().map(|&x| x as f64).sum();
     assert!((v["sum"].as_f64().unwrap() - sum).abs() <= 1e-9 * sum.abs().max(1.0));
-    let first: Vec<f64> = v["first"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
-    assert_eq!(
-        first,
-        file.data[..5].iter().map(|&x| x as f64).collect::<Vec<_>>()
-    );
+    let first: Vec<f64> = v["first"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(first, file.data[..5].iter().map(|&x| x as f64).collect::<Vec<_>>());
     let header: spintrak::store::Header = serde_json::from_value(v["header"].clone()).unwrap();
     assert_eq!(header, file.header);
     assert_eq!(header.records[0].prompt, "calm ocean waves");
@@ -114,17 +90,11 @@ fn bad_projection_settings_and_outputs_fail_cleanly() {
     for (extra, needle) in [
         (vec!["--proj-dim", "0"], "proj-dim"),
         (vec!["--proj-dim", "999999999"], "exceeds"),
-        (
-            vec!["--projector", "sparse", "--proj-dim", "1001"],
-            "multiple",
-        ),
+        (vec!["--projector", "sparse", "--proj-dim", "1001"], "multiple"),
     ] {
         let o = gradients(out_s, &extra, &[]);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success() && err.contains(needle) && !err.contains("panicked"),
-            "{extra:?}: {err}"
-        );
+        assert!(!o.status.success() && err.contains(needle) && !err.contains("panicked"), "{extra:?}: {err}");
     }
     let o = gradients("/nonexistent-dir/x.bin", &[], &[]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("/nonexistent-dir"));
@@ -140,10 +110,6 @@ fn bad_projection_settings_and_outputs_fail_cleanly() {
     let writable_anyway = o.status.success(); // root ignores permissions
     if !writable_anyway {
         assert!(String::from_utf8_lossy(&o.stderr).contains("x.bin"));
-        assert_eq!(
-            std::fs::read_dir(&ro).unwrap().count(),
-            0,
-            "no temporary file left behind"
-        );
+        assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0, "no temporary file left behind");
     }
 }

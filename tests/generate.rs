@@ -9,13 +9,7 @@ const SEED: u64 = 1234;
 
 fn opts(model: &MusicGen, seed: u64, top_k: usize) -> GenerateOptions {
     GenerateOptions {
-        sampler: Sampler {
-            use_sampling: true,
-            temperature: 1.0,
-            top_k,
-            top_p: 0.0,
-            seed,
-        },
+        sampler: Sampler { use_sampling: true, temperature: 1.0, top_k, top_p: 0.0, seed },
         guidance_scale: 3.0,
         extend_stride: model.default_extend_stride(),
     }
@@ -24,37 +18,22 @@ fn opts(model: &MusicGen, seed: u64, top_k: usize) -> GenerateOptions {
 #[test]
 fn same_seed_same_tokens_other_seed_other_tokens() {
     let model = tiny::build(SEED, &Device::Cpu).unwrap();
-    let a = model
-        .generate("calm piano melody", 1.0, &opts(&model, 42, 250), None)
-        .unwrap();
-    let b = model
-        .generate("calm piano melody", 1.0, &opts(&model, 42, 250), None)
-        .unwrap();
-    let c = model
-        .generate("calm piano melody", 1.0, &opts(&model, 43, 250), None)
-        .unwrap();
+    let a = model.generate("calm piano melody", 1.0, &opts(&model, 42, 250), None).unwrap();
+    let b = model.generate("calm piano melody", 1.0, &opts(&model, 42, 250), None).unwrap();
+    let c = model.generate("calm piano melody", 1.0, &opts(&model, 43, 250), None).unwrap();
     assert_eq!(a.num_frames(), 50);
     assert_eq!(a.frames.len(), 4);
     assert_eq!(a, b);
     assert_ne!(a.frames, c.frames);
-    assert!(
-        a.frames.iter().flatten().all(|&t| t < 64),
-        "codes must be codebook entries, not the special token"
-    );
+    assert!(a.frames.iter().flatten().all(|&t| t < 64), "codes must be codebook entries, not the special token");
 }
 
 #[test]
 fn greedy_ignores_the_seed_and_depends_on_the_prompt() {
     let model = tiny::build(SEED, &Device::Cpu).unwrap();
-    let a = model
-        .generate("calm piano melody", 0.5, &opts(&model, 1, 1), None)
-        .unwrap();
-    let b = model
-        .generate("calm piano melody", 0.5, &opts(&model, 2, 1), None)
-        .unwrap();
-    let c = model
-        .generate("fast techno beat", 0.5, &opts(&model, 1, 1), None)
-        .unwrap();
+    let a = model.generate("calm piano melody", 0.5, &opts(&model, 1, 1), None).unwrap();
+    let b = model.generate("calm piano melody", 0.5, &opts(&model, 2, 1), None).unwrap();
+    let c = model.generate("fast techno beat", 0.5, &opts(&model, 1, 1), None).unwrap();
     assert_eq!(a.frames, b.frames);
     assert_ne!(a.frames, c.frames);
 }
@@ -64,22 +43,14 @@ fn extension_continues_the_first_window() {
     // The tiny model's window is 10 s (500 frames), its stride 6 s (300 frames).
     let model = tiny::build(SEED, &Device::Cpu).unwrap();
     let o = opts(&model, 7, 250);
-    let long = model
-        .generate("lively salsa groove", 23.0, &o, None)
-        .unwrap();
-    let short = model
-        .generate("lively salsa groove", 10.0, &o, None)
-        .unwrap();
+    let long = model.generate("lively salsa groove", 23.0, &o, None).unwrap();
+    let short = model.generate("lively salsa groove", 10.0, &o, None).unwrap();
     assert_eq!(long.num_frames(), 1150);
     // Windows at 0, 6, 12 s (new frames 500, 300, 300) and 18 s (the last 50).
     let prompts: Vec<usize> = long.windows.iter().map(|w| w.prompt_len).collect();
     assert_eq!(prompts, vec![0, 200, 200, 200]);
     for k in 0..4 {
-        assert_eq!(
-            long.frames[k][..500],
-            short.frames[k][..],
-            "first window = a single-window generation"
-        );
+        assert_eq!(long.frames[k][..500], short.frames[k][..], "first window = a single-window generation");
     }
     // Each window is prompted with the previous one minus its first stride.
     for pair in long.windows.windows(2) {
@@ -93,62 +64,25 @@ fn extension_continues_the_first_window() {
 fn written_tiny_model_loads_back_identically() {
     let dir = tempfile::tempdir().unwrap();
     tiny::write(dir.path(), SEED).unwrap();
-    let on_disk =
-        spintrak::musicgen::load(dir.path(), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let on_disk = spintrak::musicgen::load(dir.path(), &LoadOptions::default(), &Device::Cpu).unwrap();
     let in_memory = tiny::build(SEED, &Device::Cpu).unwrap();
-    let a = on_disk
-        .generate("calm piano", 0.6, &opts(&on_disk, 3, 250), None)
-        .unwrap();
-    let b = in_memory
-        .generate("calm piano", 0.6, &opts(&in_memory, 3, 250), None)
-        .unwrap();
+    let a = on_disk.generate("calm piano", 0.6, &opts(&on_disk, 3, 250), None).unwrap();
+    let b = in_memory.generate("calm piano", 0.6, &opts(&in_memory, 3, 250), None).unwrap();
     assert_eq!(a.frames, b.frames);
-    let wa: Vec<f32> = on_disk
-        .decode(&a.frames)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let wb: Vec<f32> = in_memory
-        .decode(&b.frames)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let wa: Vec<f32> = on_disk.decode(&a.frames).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let wb: Vec<f32> = in_memory.decode(&b.frames).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(wa, wb);
     // Same parameters in the same order whichever way the model was made.
-    let pa: Vec<String> = on_disk
-        .lm_params
-        .params()
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    let pb: Vec<String> = in_memory
-        .lm_params
-        .params()
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
+    let pa: Vec<String> = on_disk.lm_params.params().into_iter().map(|(n, _)| n).collect();
+    let pb: Vec<String> = in_memory.lm_params.params().into_iter().map(|(n, _)| n).collect();
     assert_eq!(pa, pb);
 }
 
 #[test]
 fn stereo_model_generates_two_channels() {
-    let vocab = spintrak::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json())
-        .unwrap()
-        .vocab_size();
-    let model = tiny::random_model(
-        tiny::stereo_config(vocab),
-        5,
-        candle_core::DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let gen = model
-        .generate("rock riff", 0.4, &opts(&model, 1, 250), None)
-        .unwrap();
+    let vocab = spintrak::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json()).unwrap().vocab_size();
+    let model = tiny::random_model(tiny::stereo_config(vocab), 5, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let gen = model.generate("rock riff", 0.4, &opts(&model, 1, 250), None).unwrap();
     assert_eq!(gen.frames.len(), 8);
     assert_eq!(gen.num_frames(), 20);
     let wav = model.decode(&gen.frames).unwrap();

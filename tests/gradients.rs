@@ -10,9 +10,7 @@ use spintrak::musicgen::sampling::Sampler;
 use spintrak::musicgen::{tiny, GenerateOptions, MusicGen};
 
 fn tiny_f64(window_seconds: f64) -> MusicGen {
-    let vocab = spintrak::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json())
-        .unwrap()
-        .vocab_size();
+    let vocab = spintrak::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json()).unwrap().vocab_size();
     let mut cfg = tiny::config(vocab);
     cfg.generation.window_seconds = window_seconds;
     tiny::random_model(cfg, 1234, DType::F64, &Device::Cpu).unwrap()
@@ -20,13 +18,7 @@ fn tiny_f64(window_seconds: f64) -> MusicGen {
 
 fn objective(extend_stride: f64) -> GenerationObjective {
     GenerationObjective::from_options(&GenerateOptions {
-        sampler: Sampler {
-            use_sampling: true,
-            temperature: 1.0,
-            top_k: 250,
-            top_p: 0.0,
-            seed: 0,
-        },
+        sampler: Sampler { use_sampling: true, temperature: 1.0, top_k: 250, top_p: 0.0, seed: 0 },
         guidance_scale: 3.0,
         extend_stride,
     })
@@ -42,13 +34,7 @@ fn gradients_match_central_finite_differences_over_windows() {
     // teacher forcing and the 1/T normalisation are both exercised.
     let model = tiny_f64(0.4);
     let obj = objective(0.24);
-    let ex = Example {
-        name: "x".into(),
-        prompt: "slow sad piano".into(),
-        duration: 0.7,
-        seed: 3,
-        source: None,
-    };
+    let ex = Example { name: "x".into(), prompt: "slow sad piano".into(), duration: 0.7, seed: 3, source: None };
     let prepared = obj.prepare(&model, &ex, None).unwrap();
     assert_eq!(prepared.generation.windows.len(), 3); // windows at 0, 0.24 and 0.48 s
     let mut grads: Vec<(String, Vec<f64>)> = Vec::new();
@@ -58,61 +44,27 @@ fn gradients_match_central_finite_differences_over_windows() {
         Ok(())
     })
     .unwrap();
-    let f_lm = |m: &MusicGen| {
-        scalar(
-            &obj.lm_value(
-                m,
-                &Lm::new(&m.cfg.lm, m.lm_params.vb(true)).unwrap(),
-                &prepared,
-            )
-            .unwrap(),
-        )
-    };
+    let f_lm =
+        |m: &MusicGen| scalar(&obj.lm_value(m, &Lm::new(&m.cfg.lm, m.lm_params.vb(true)).unwrap(), &prepared).unwrap());
     let f_codec = |m: &MusicGen| {
-        scalar(
-            &obj.codec_value(
-                m,
-                &Codec::new(&m.cfg.codec, m.codec_params.vb(true)).unwrap(),
-                &prepared,
-            )
-            .unwrap(),
-        )
+        scalar(&obj.codec_value(m, &Codec::new(&m.cfg.codec, m.codec_params.vb(true)).unwrap(), &prepared).unwrap())
     };
     let mut checked = 0;
-    for (name, var) in model
-        .codec_params
-        .params()
-        .into_iter()
-        .chain(model.lm_params.params())
-    {
+    for (name, var) in model.codec_params.params().into_iter().chain(model.lm_params.params()) {
         let is_lm = model.lm_params.var(&name).is_some();
-        let g = &grads
-            .iter()
-            .find(|(n, _)| *n == name)
-            .unwrap_or_else(|| panic!("no gradient for {name}"))
-            .1;
-        assert!(
-            g.iter().any(|x| *x != 0.0),
-            "gradient of {name} is identically zero"
-        );
+        let g = &grads.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no gradient for {name}")).1;
+        assert!(g.iter().any(|x| *x != 0.0), "gradient of {name} is identically zero");
         let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
         // Two entries per tensor: the largest-gradient one and a fixed pseudo-random one.
-        let argmax = g
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-            .unwrap()
-            .0;
+        let argmax = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
         for idx in [argmax, (name.len() * 7919) % base.len()] {
             let eps = 1e-5 * base[idx].abs().max(1.0);
             let eval = |delta: f64| {
                 let mut v = base.clone();
                 v[idx] += delta;
-                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
                 let f = if is_lm { f_lm(&model) } else { f_codec(&model) };
-                var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
+                var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
                 f
             };
             let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
@@ -132,13 +84,7 @@ fn gradients_match_central_finite_differences_over_windows() {
 fn gradient_order_is_decoder_then_lm_and_covers_every_parameter() {
     let model = tiny::build(1234, &Device::Cpu).unwrap();
     let obj = objective(6.0);
-    let ex = Example {
-        name: "x".into(),
-        prompt: "rock".into(),
-        duration: 0.3,
-        seed: 1,
-        source: None,
-    };
+    let ex = Example { name: "x".into(), prompt: "rock".into(), duration: 0.3, seed: 1, source: None };
     let prepared = obj.prepare(&model, &ex, None).unwrap();
     let mut names = Vec::new();
     let mut total = 0;
@@ -150,17 +96,11 @@ fn gradient_order_is_decoder_then_lm_and_covers_every_parameter() {
     .unwrap();
     let (dec, lm) = spintrak::attribution::gradient_dim(&model);
     assert_eq!(total, dec + lm);
-    let first_lm = names
-        .iter()
-        .position(|n| !n.starts_with("decoder."))
-        .unwrap();
+    let first_lm = names.iter().position(|n| !n.starts_with("decoder.")).unwrap();
     assert!(names[..first_lm].iter().all(|n| n.starts_with("decoder.")));
     assert!(names[first_lm..].iter().all(|n| !n.starts_with("decoder.")));
     assert_eq!(names.len(), model.lm_params.params().len() + first_lm);
     // Weight-norm tensors are leaves as stored: g and v, not W.
-    assert!(
-        names.iter().any(|n| n.ends_with("weight_g"))
-            && names.iter().any(|n| n.ends_with("weight_v"))
-    );
+    assert!(names.iter().any(|n| n.ends_with("weight_g")) && names.iter().any(|n| n.ends_with("weight_v")));
     assert!(names.iter().any(|n| n.ends_with("in_proj_weight")));
 }

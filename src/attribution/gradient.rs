@@ -27,20 +27,12 @@ pub struct Timings {
 
 /// The codec decoder's parameters (gradient part 1), in model order.
 pub fn decoder_params(model: &MusicGen) -> Vec<(String, Var)> {
-    model
-        .codec_params
-        .params()
-        .into_iter()
-        .filter(|(n, _)| n.starts_with("decoder."))
-        .collect()
+    model.codec_params.params().into_iter().filter(|(n, _)| n.starts_with("decoder.")).collect()
 }
 
 /// Gradient length D = decoder parameters + LM parameters.
 pub fn gradient_dim(model: &MusicGen) -> (usize, usize) {
-    let dec: usize = decoder_params(model)
-        .iter()
-        .map(|(_, v)| v.elem_count())
-        .sum();
+    let dec: usize = decoder_params(model).iter().map(|(_, v)| v.elem_count()).sum();
     (dec, model.lm_params.num_scalars())
 }
 
@@ -62,9 +54,7 @@ pub fn for_each_gradient(
     timings.backward += t.elapsed().as_secs_f64();
     let t = Instant::now();
     for (name, var) in decoder_params(model) {
-        let g = grads
-            .remove(var.as_tensor())
-            .ok_or_else(|| missing(&name))?;
+        let g = grads.remove(var.as_tensor()).ok_or_else(|| missing(&name))?;
         sink(&name, &g)?;
     }
     drop(grads);
@@ -80,9 +70,7 @@ pub fn for_each_gradient(
     timings.backward += t.elapsed().as_secs_f64();
     let t = Instant::now();
     for (name, var) in model.lm_params.params() {
-        let g = grads
-            .remove(var.as_tensor())
-            .ok_or_else(|| missing(&name))?;
+        let g = grads.remove(var.as_tensor()).ok_or_else(|| missing(&name))?;
         sink(&name, &g)?;
     }
     timings.project += t.elapsed().as_secs_f64();

@@ -35,12 +35,7 @@ pub trait Objective: Send + Sync {
     /// Name and every setting the embedding depends on (stored in file headers).
     fn info(&self) -> ObjectiveInfo;
     /// Work done without gradients (generation, encoding).
-    fn prepare(
-        &self,
-        model: &MusicGen,
-        example: &Example,
-        progress: Option<&ProgressBar>,
-    ) -> Result<Prepared>;
+    fn prepare(&self, model: &MusicGen, example: &Example, progress: Option<&ProgressBar>) -> Result<Prepared>;
     /// The scalar whose gradient is taken w.r.t. the codec decoder (`codec` is tracked).
     fn codec_value(&self, model: &MusicGen, codec: &Codec, prepared: &Prepared) -> Result<Tensor>;
     /// The scalar whose gradient is taken w.r.t. the LM (`lm` is tracked).
@@ -101,12 +96,7 @@ impl GenerationObjective {
 }
 
 /// `[B, K, S]` u32 tensor of `batch` copies of the step rows `steps[k][range]`.
-fn step_tensor(
-    steps: &[Vec<u32>],
-    range: std::ops::Range<usize>,
-    batch: usize,
-    device: &Device,
-) -> Result<Tensor> {
+fn step_tensor(steps: &[Vec<u32>], range: std::ops::Range<usize>, batch: usize, device: &Device) -> Result<Tensor> {
     let k = steps.len();
     let width = range.len();
     let mut flat = Vec::with_capacity(batch * k * width);
@@ -126,22 +116,9 @@ impl Objective for GenerationObjective {
         }
     }
 
-    fn prepare(
-        &self,
-        model: &MusicGen,
-        example: &Example,
-        progress: Option<&ProgressBar>,
-    ) -> Result<Prepared> {
-        let generation = model.generate(
-            &example.prompt,
-            example.duration,
-            &self.options(example.seed),
-            progress,
-        )?;
-        Ok(Prepared {
-            generation,
-            t5: model.encode_text(&example.prompt)?,
-        })
+    fn prepare(&self, model: &MusicGen, example: &Example, progress: Option<&ProgressBar>) -> Result<Prepared> {
+        let generation = model.generate(&example.prompt, example.duration, &self.options(example.seed), progress)?;
+        Ok(Prepared { generation, t5: model.encode_text(&example.prompt)? })
     }
 
     fn codec_value(&self, model: &MusicGen, codec: &Codec, prepared: &Prepared) -> Result<Tensor> {

@@ -52,13 +52,7 @@ pub fn default_k(d: usize) -> usize {
 
 impl ProjectorSpec {
     /// Resolves the output dimension and validates the settings.
-    pub fn new(
-        kind: ProjectorKind,
-        seed: u64,
-        k: Option<usize>,
-        d: usize,
-        sparsity: usize,
-    ) -> Result<Self> {
+    pub fn new(kind: ProjectorKind, seed: u64, k: Option<usize>, d: usize, sparsity: usize) -> Result<Self> {
         let k = match (kind, k) {
             (ProjectorKind::Identity, Some(k)) if k != d => {
                 bail!("--proj-dim {k} conflicts with the identity projection, whose dimension is the gradient's ({d})")
@@ -82,25 +76,17 @@ impl ProjectorSpec {
                 bail!("the sparse projection needs k ({k}) to be a multiple of --proj-sparsity ({sparsity})");
             }
             if k / sparsity > 1 << 15 {
-                bail!("the sparse projection supports at most 32768 rows per block (k / sparsity); raise --proj-sparsity");
+                bail!(
+                    "the sparse projection supports at most 32768 rows per block (k / sparsity); raise --proj-sparsity"
+                );
             }
         }
-        Ok(Self {
-            kind,
-            seed,
-            k,
-            d,
-            sparsity,
-        })
+        Ok(Self { kind, seed, k, d, sparsity })
     }
 
     /// A fresh accumulator for one example.
     pub fn start(&self) -> Projection {
-        Projection {
-            spec: self.clone(),
-            acc: vec![0.0; self.k],
-            next: 0,
-        }
+        Projection { spec: self.clone(), acc: vec![0.0; self.k], next: 0 }
     }
 }
 
@@ -119,10 +105,7 @@ impl Projection {
     /// Adds the gradient entries `values` at global indices `offset..offset+len`.
     pub fn update(&mut self, offset: usize, values: &[f32]) -> Result<()> {
         if offset != self.next {
-            bail!(
-                "projection fed out of order: expected index {}, got {offset}",
-                self.next
-            );
+            bail!("projection fed out of order: expected index {}, got {offset}", self.next);
         }
         if offset + values.len() > self.spec.d {
             bail!("gradient longer than the projector's D = {}", self.spec.d);
@@ -136,65 +119,47 @@ impl Projection {
                 }
             }
             ProjectorKind::Rademacher => {
-                self.acc
-                    .par_chunks_mut(ROW_BLOCK)
-                    .enumerate()
-                    .for_each(|(blk, rows)| {
-                        for (j, &v) in values.iter().enumerate() {
-                            let bits = hash(seed, &[(offset + j) as u64, blk as u64]);
-                            let v = v as f64;
-                            for (b, a) in rows.iter_mut().enumerate() {
-                                if (bits >> b) & 1 == 1 {
-                                    *a += v;
-                                } else {
-                                    *a -= v;
-                                }
-                            }
+                self.acc.par_chunks_mut(ROW_BLOCK).enumerate().for_each(|(blk, rows)| {
+                    for (j, &v) in values.iter().enumerate() {
+                        let bits = hash(seed, &[(offset + j) as u64, blk as u64]);
+                        let v = v as f64;
+                        // Branch-free sign: a set bit keeps +v, a clear bit flips the sign bit.
+                        for (b, a) in rows.iter_mut().enumerate() {
+                            *a += f64::from_bits(v.to_bits() ^ ((!(bits >> b) & 1) << 63));
                         }
-                    });
+                    }
+                });
             }
             ProjectorKind::Normal => {
-                self.acc
-                    .par_chunks_mut(ROW_BLOCK)
-                    .enumerate()
-                    .for_each(|(blk, rows)| {
-                        let mut z = [0f64; ROW_BLOCK];
-                        for (j, &v) in values.iter().enumerate() {
-                            gaussian_block(
-                                seed,
-                                (offset + j) as u64,
-                                blk as u64,
-                                &mut z[..rows.len()],
-                            );
-                            let v = v as f64;
-                            for (a, zb) in rows.iter_mut().zip(&z) {
-                                *a += v * zb;
-                            }
+                self.acc.par_chunks_mut(ROW_BLOCK).enumerate().for_each(|(blk, rows)| {
+                    let mut z = [0f64; ROW_BLOCK];
+                    for (j, &v) in values.iter().enumerate() {
+                        gaussian_block(seed, (offset + j) as u64, blk as u64, &mut z[..rows.len()]);
+                        let v = v as f64;
+                        for (a, zb) in rows.iter_mut().zip(&z) {
+                            *a += v * zb;
                         }
-                    });
+                    }
+                });
             }
             ProjectorKind::Sparse => {
-                let s = self.spec.sparsity;
-                let block = self.spec.k / s;
+                let block = self.spec.k / self.spec.sparsity;
                 let key = mix64(seed ^ 0x5350_4152_5345); // "SPARSE"
-                self.acc
-                    .par_chunks_mut(block)
-                    .enumerate()
-                    .for_each(|(blk, rows)| {
-                        // Four blocks share one 64-bit hash: 16 bits each (15 for the row, 1 sign).
-                        let word = blk / 4;
-                        let shift = 16 * (blk % 4);
-                        for (j, &v) in values.iter().enumerate() {
-                            let h = mix64(key ^ mix64(((offset + j) as u64) << 8 | word as u64));
-                            let field = (h >> shift) & 0xFFFF;
-                            let row = ((field >> 1) as usize) % block;
-                            if field & 1 == 1 {
-                                rows[row] += v as f64;
-                            } else {
-                                rows[row] -= v as f64;
-                            }
+                                                          // One 64-bit hash per (coordinate, group of four blocks): 16 bits per block,
+                                                          // 15 for the row within the block and 1 for the sign. Threads take groups.
+                self.acc.par_chunks_mut(4 * block).enumerate().for_each(|(group, rows)| {
+                    let blocks = rows.len() / block;
+                    for (j, &v) in values.iter().enumerate() {
+                        let h = mix64(key ^ (((offset + j) as u64) << 16 | group as u64));
+                        let v = v as f64;
+                        for b in 0..blocks {
+                            let field = (h >> (16 * b)) & 0xFFFF;
+                            let row = b * block + (((field >> 1) * block as u64) >> 15) as usize;
+                            // Branch-free sign (random signs defeat branch prediction).
+                            rows[row] += f64::from_bits(v.to_bits() ^ ((!field & 1) << 63));
                         }
-                    });
+                    }
+                });
             }
         }
         Ok(())
@@ -203,11 +168,7 @@ impl Projection {
     /// The finished k-dimensional embedding.
     pub fn finish(self) -> Result<Vec<f32>> {
         if self.next != self.spec.d {
-            bail!(
-                "projection incomplete: {} of {} gradient entries",
-                self.next,
-                self.spec.d
-            );
+            bail!("projection incomplete: {} of {} gradient entries", self.next, self.spec.d);
         }
         let scale = match self.spec.kind {
             ProjectorKind::Identity => 1.0,
@@ -243,9 +204,7 @@ mod tests {
     use super::*;
 
     fn vector(seed: u64, d: usize) -> Vec<f32> {
-        (0..d)
-            .map(|i| crate::rng::normal(seed, i as u64, 9) as f32)
-            .collect()
+        (0..d).map(|i| crate::rng::normal(seed, i as u64, 9) as f32).collect()
     }
 
     fn project(spec: &ProjectorSpec, v: &[f32], chunk: usize) -> Vec<f32> {
@@ -272,11 +231,7 @@ mod tests {
         let d = 3000;
         let k = 1024;
         let vs: Vec<Vec<f32>> = (0..6).map(|s| vector(s, d)).collect();
-        for kind in [
-            ProjectorKind::Normal,
-            ProjectorKind::Rademacher,
-            ProjectorKind::Sparse,
-        ] {
+        for kind in [ProjectorKind::Normal, ProjectorKind::Rademacher, ProjectorKind::Sparse] {
             let spec = ProjectorSpec::new(kind, 42, Some(k), d, 8).unwrap();
             let ps: Vec<Vec<f32>> = vs.iter().map(|v| project(&spec, v, 777)).collect();
             // JL: |<Pu,Pv> − <u,v>| ≤ eps·|u||v| with eps ~ sqrt(8 ln(n) / k) for n points.
@@ -286,10 +241,7 @@ mod tests {
                     let exact = dot(&vs[i], &vs[j]);
                     let approx = dot(&ps[i], &ps[j]);
                     let bound = eps * dot(&vs[i], &vs[i]).sqrt() * dot(&vs[j], &vs[j]).sqrt();
-                    assert!(
-                        (approx - exact).abs() <= bound,
-                        "{kind:?} ({i},{j}): {approx} vs {exact} (bound {bound})"
-                    );
+                    assert!((approx - exact).abs() <= bound, "{kind:?} ({i},{j}): {approx} vs {exact} (bound {bound})");
                 }
             }
         }
@@ -305,18 +257,11 @@ mod tests {
     #[test]
     fn chunking_and_threads_do_not_change_bits() {
         let v = vector(4, 5000);
-        for kind in [
-            ProjectorKind::Normal,
-            ProjectorKind::Rademacher,
-            ProjectorKind::Sparse,
-        ] {
+        for kind in [ProjectorKind::Normal, ProjectorKind::Rademacher, ProjectorKind::Sparse] {
             let spec = ProjectorSpec::new(kind, 7, Some(512), 5000, 8).unwrap();
             let a = project(&spec, &v, 5000);
             let b = project(&spec, &v, 3);
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
             let c = pool.install(|| project(&spec, &v, 1000));
             assert_eq!(a, b, "{kind:?} chunking");
             assert_eq!(a, c, "{kind:?} threads");
@@ -326,24 +271,14 @@ mod tests {
     #[test]
     fn seeds_matter_and_settings_are_validated() {
         let v = vector(5, 2000);
-        let a = project(
-            &ProjectorSpec::new(ProjectorKind::Sparse, 1, Some(256), 2000, 8).unwrap(),
-            &v,
-            2000,
-        );
-        let b = project(
-            &ProjectorSpec::new(ProjectorKind::Sparse, 2, Some(256), 2000, 8).unwrap(),
-            &v,
-            2000,
-        );
+        let a = project(&ProjectorSpec::new(ProjectorKind::Sparse, 1, Some(256), 2000, 8).unwrap(), &v, 2000);
+        let b = project(&ProjectorSpec::new(ProjectorKind::Sparse, 2, Some(256), 2000, 8).unwrap(), &v, 2000);
         assert_ne!(a, b);
         assert!(ProjectorSpec::new(ProjectorKind::Normal, 1, Some(0), 2000, 8).is_err());
         assert!(ProjectorSpec::new(ProjectorKind::Normal, 1, Some(2001), 2000, 8).is_err());
         assert!(ProjectorSpec::new(ProjectorKind::Sparse, 1, Some(100), 2000, 8).is_err());
         assert!(ProjectorSpec::new(ProjectorKind::Identity, 1, Some(5), 2000, 8).is_err());
-        let mut p = ProjectorSpec::new(ProjectorKind::Normal, 1, Some(64), 100, 8)
-            .unwrap()
-            .start();
+        let mut p = ProjectorSpec::new(ProjectorKind::Normal, 1, Some(64), 100, 8).unwrap().start();
         assert!(p.update(5, &[1.0]).is_err(), "gaps are refused");
     }
 }

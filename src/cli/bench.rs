@@ -6,15 +6,24 @@ use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
 
+use crate::attribution::{embed, gradient_dim, Example, GenerationObjective, ProjectorKind, ProjectorSpec};
 use crate::musicgen::sampling::Sampler;
 use crate::musicgen::{tiny, GenerateOptions, MusicGen};
 
-/// Measure generation speed (frames/s) against the weight-read bound.
+/// Measure speed and memory next to hardware bounds measured in the same run:
+/// generation (frames/s vs the weight-read bound), gradient embeddings (generate /
+/// backward / project split, peak memory) and projection throughput (GB/s vs memcpy).
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  spintrak bench                 # tiny and musicgen-small-shaped models\n  spintrak bench --only tiny --json"
+    after_help = "Examples:\n  spintrak bench                               # everything, tiny and musicgen-small-shaped models\n  spintrak bench --section generation --only tiny --json\n  spintrak bench --section gradients --only small --grad-seconds 10"
 )]
 pub struct Bench {
+    /// What to measure: generation, gradients, projection, or all.
+    #[arg(long, default_value = "all")]
+    pub section: String,
+    /// Seconds of audio per gradient example.
+    #[arg(long, default_value_t = 2.0)]
+    pub grad_seconds: f64,
     /// Run only this model: `tiny` or `small` (musicgen-small's shape, random weights).
     #[arg(long)]
     pub only: Option<String>,
@@ -43,30 +52,14 @@ pub fn memcpy_bandwidth() -> f64 {
 
 fn bench_generation(model: &MusicGen, seconds: f64, bandwidth: f64) -> Result<serde_json::Value> {
     let opts = GenerateOptions {
-        sampler: Sampler {
-            use_sampling: true,
-            temperature: 1.0,
-            top_k: 250,
-            top_p: 0.0,
-            seed: 1,
-        },
+        sampler: Sampler { use_sampling: true, temperature: 1.0, top_k: 250, top_p: 0.0, seed: 1 },
         guidance_scale: 3.0,
         extend_stride: model.default_extend_stride(),
     };
     // Warm-up (allocations, caches).
-    model.generate(
-        "warm up",
-        0.1_f64.max(2.0 / model.cfg.frame_rate()),
-        &opts,
-        None,
-    )?;
+    model.generate("warm up", 0.1_f64.max(2.0 / model.cfg.frame_rate()), &opts, None)?;
     let start = Instant::now();
-    let gen = model.generate(
-        "lively salsa groove with bright horns",
-        seconds,
-        &opts,
-        None,
-    )?;
+    let gen = model.generate("lively salsa groove with bright horns", seconds, &opts, None)?;
     let secs = start.elapsed().as_secs_f64();
     let steps = gen.num_frames() + model.cfg.lm.max_delay();
     let weight_bytes = (model.lm_params.num_scalars() * 4) as f64;
@@ -89,39 +82,44 @@ fn bench_generation(model: &MusicGen, seconds: f64, bandwidth: f64) -> Result<se
 
 impl Bench {
     pub fn run(&self) -> Result<()> {
-        let bandwidth = memcpy_bandwidth();
-        let mut results = serde_json::Map::new();
-        let want = |name: &str| self.only.as_deref().is_none_or(|o| o == name);
+        let sections = ["generation", "gradients", "projection", "all"];
+        if !sections.contains(&self.section.as_str()) {
+            anyhow::bail!("--section takes one of {sections:?}, got `{}`", self.section);
+        }
         if let Some(o) = &self.only {
             if o != "tiny" && o != "small" {
                 anyhow::bail!("--only takes `tiny` or `small`, got `{o}`");
             }
         }
-        if want("tiny") {
-            let model = tiny::build(super::TINY_SEED, &Device::Cpu)?;
-            results.insert(
-                "tiny".into(),
-                bench_generation(&model, self.seconds, bandwidth)?,
-            );
+        let section = |s: &str| self.section == "all" || self.section == s;
+        let want = |name: &str| self.only.as_deref().is_none_or(|o| o == name);
+        let bandwidth = memcpy_bandwidth();
+        let mut results = serde_json::Map::new();
+        let mut grads = serde_json::Map::new();
+        let mut models: Vec<(&str, MusicGen)> = Vec::new();
+        if want("tiny") && (section("generation") || section("gradients")) {
+            models.push(("tiny", tiny::build(super::TINY_SEED, &Device::Cpu)?));
         }
-        if want("small") {
-            let vocab = crate::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json())?
-                .vocab_size();
-            let model = tiny::random_model(
-                tiny::small_shape_config(vocab),
-                7,
-                candle_core::DType::F32,
-                &Device::Cpu,
-            )?;
-            results.insert(
-                "musicgen_small_shape".into(),
-                bench_generation(&model, self.seconds, bandwidth)?,
-            );
+        if want("small") && (section("generation") || section("gradients")) {
+            let vocab = crate::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json())?.vocab_size();
+            let model = tiny::random_model(tiny::small_shape_config(vocab), 7, candle_core::DType::F32, &Device::Cpu)?;
+            models.push(("musicgen_small_shape", model));
         }
+        for (name, model) in &models {
+            if section("generation") {
+                results.insert(name.to_string(), bench_generation(model, self.seconds, bandwidth)?);
+            }
+            if section("gradients") {
+                grads.insert(name.to_string(), bench_gradients(model, self.grad_seconds)?);
+            }
+        }
+        let projection = if section("projection") { Some(bench_projection(bandwidth)?) } else { None };
         let out = serde_json::json!({
             "memcpy_bandwidth_gb_per_s": bandwidth / 1e9,
             "threads": candle_core::utils::get_num_threads(),
             "generation": results,
+            "gradients": grads,
+            "projection": projection,
         });
         if self.json {
             println!("{}", serde_json::to_string_pretty(&out)?);
@@ -131,15 +129,17 @@ impl Bench {
                 bandwidth / 1e9,
                 candle_core::utils::get_num_threads()
             );
+            print_gradients(&grads);
+            if let Some(p) = &projection {
+                print_projection(p);
+            }
+            if results.is_empty() {
+                return Ok(());
+            }
+            println!("\ngeneration:");
             println!(
                 "{:<22} {:>12} {:>10} {:>12} {:>14} {:>9} {:>10}",
-                "model",
-                "LM params",
-                "frames/s",
-                "steps/s",
-                "bound steps/s",
-                "of bound",
-                "decode s"
+                "model", "LM params", "frames/s", "steps/s", "bound steps/s", "of bound", "decode s"
             );
             for (name, r) in &results {
                 println!(
@@ -148,14 +148,137 @@ impl Bench {
                     r["lm_parameters"],
                     r["frames_per_second"].as_f64().unwrap_or(0.0),
                     r["steps_per_second"].as_f64().unwrap_or(0.0),
-                    r["weight_read_bound_steps_per_second"]
-                        .as_f64()
-                        .unwrap_or(0.0),
+                    r["weight_read_bound_steps_per_second"].as_f64().unwrap_or(0.0),
                     100.0 * r["fraction_of_bound"].as_f64().unwrap_or(0.0),
                     r["decode_seconds"].as_f64().unwrap_or(0.0),
                 );
             }
         }
         Ok(())
+    }
+}
+
+/// Peak resident memory (bytes) since the last reset.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Current resident memory (bytes).
+pub fn current_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets the kernel's peak-RSS counter (Linux), so each measurement stands alone.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn bench_gradients(model: &MusicGen, seconds: f64) -> Result<serde_json::Value> {
+    let opts = GenerateOptions {
+        sampler: Sampler { use_sampling: true, temperature: 1.0, top_k: 250, top_p: 0.0, seed: 1 },
+        guidance_scale: 3.0,
+        extend_stride: model.default_extend_stride(),
+    };
+    let objective = GenerationObjective::from_options(&opts);
+    let (dec, lm) = gradient_dim(model);
+    let d = dec + lm;
+    let spec = ProjectorSpec::new(ProjectorKind::Sparse, 42, Some(8192.min(d / 8 * 8)), d, 8)?;
+    let example = Example {
+        name: "bench".into(),
+        prompt: "lively salsa groove".into(),
+        duration: seconds,
+        seed: 1,
+        source: None,
+    };
+    let before = current_rss().unwrap_or(0);
+    reset_peak_rss();
+    let (_, _, t) = embed(model, &objective, &spec, &example, None)?;
+    let peak = peak_rss().unwrap_or(0);
+    let param_bytes = (d as u64) * 4;
+    Ok(serde_json::json!({
+        "audio_seconds": seconds,
+        "gradient_numbers": d,
+        "seconds": {"generate": t.prepare, "backward": t.backward, "project": t.project, "total": t.prepare + t.backward + t.project},
+        "rss_before_bytes": before,
+        "peak_rss_bytes": peak,
+        "parameters_plus_gradients_bytes": 2 * param_bytes,
+        "peak_over_parameters_plus_gradients": peak as f64 / (2 * param_bytes) as f64,
+    }))
+}
+
+fn print_gradients(grads: &serde_json::Map<String, serde_json::Value>) {
+    if grads.is_empty() {
+        return;
+    }
+    println!("\ngradient embedding (sparse projection):");
+    println!(
+        "{:<22} {:>8} {:>12} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "model", "audio s", "D", "generate", "backward", "project", "peak RSS", "2×(θ+∇θ)"
+    );
+    for (name, r) in grads {
+        let s = &r["seconds"];
+        println!(
+            "{:<22} {:>8.1} {:>12} {:>9.2}s {:>9.2}s {:>9.2}s {:>10.0}MB {:>10.0}MB",
+            name,
+            r["audio_seconds"].as_f64().unwrap_or(0.0),
+            r["gradient_numbers"],
+            s["generate"].as_f64().unwrap_or(0.0),
+            s["backward"].as_f64().unwrap_or(0.0),
+            s["project"].as_f64().unwrap_or(0.0),
+            r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            r["parameters_plus_gradients_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        );
+    }
+}
+
+/// Projection throughput in GB/s of gradient (f32) per kind, next to memcpy.
+fn bench_projection(bandwidth: f64) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    let k = 8192;
+    for (kind, d) in [
+        (ProjectorKind::Identity, 8 << 20),
+        (ProjectorKind::Sparse, 64 << 20),
+        (ProjectorKind::Rademacher, 1 << 18),
+        (ProjectorKind::Normal, 1 << 15),
+    ] {
+        let spec = ProjectorSpec::new(kind, 42, if kind == ProjectorKind::Identity { None } else { Some(k) }, d, 8)?;
+        let values: Vec<f32> = (0..d).map(|i| ((i % 1000) as f32 - 500.0) * 1e-3).collect();
+        let start = Instant::now();
+        let mut p = spec.start();
+        for (c, chunk) in values.chunks(1 << 20).enumerate() {
+            p.update(c << 20, chunk)?;
+        }
+        std::hint::black_box(p.finish()?);
+        let secs = start.elapsed().as_secs_f64();
+        let gbps = (d * 4) as f64 / secs / 1e9;
+        out.insert(
+            format!("{kind:?}").to_lowercase(),
+            serde_json::json!({"k": spec.k, "d": d, "seconds": secs, "gb_per_s": gbps, "fraction_of_memcpy": gbps * 1e9 / bandwidth,
+                "seconds_per_musicgen_small_gradient": 449e6 * 4.0 / (gbps * 1e9)}),
+        );
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+fn print_projection(p: &serde_json::Value) {
+    println!("\nprojection to k = 8192 (GB/s of f32 gradient):");
+    println!("{:<12} {:>12} {:>10} {:>11} {:>22}", "kind", "D tested", "GB/s", "of memcpy", "s per 449M gradient");
+    if let Some(map) = p.as_object() {
+        for (name, r) in map {
+            println!(
+                "{:<12} {:>12} {:>10.3} {:>10.1}% {:>22.1}",
+                name,
+                r["d"],
+                r["gb_per_s"].as_f64().unwrap_or(0.0),
+                100.0 * r["fraction_of_memcpy"].as_f64().unwrap_or(0.0),
+                r["seconds_per_musicgen_small_gradient"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
 }

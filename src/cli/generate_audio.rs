@@ -42,9 +42,7 @@ pub struct GenerateAudio {
 impl GenerateAudio {
     pub fn run(&self) -> Result<()> {
         if self.prompt.trim().is_empty() {
-            anyhow::bail!(
-                "--prompt is empty: describe the music, e.g. --prompt \"calm piano melody\""
-            );
+            anyhow::bail!("--prompt is empty: describe the music, e.g. --prompt \"calm piano melody\"");
         }
         let model = self.model.load()?;
         let opts = self.sampling.options(&model, self.seed)?;

@@ -47,25 +47,17 @@ pub struct GenerateGradients {
 impl GenerateGradients {
     pub fn run(&self) -> Result<()> {
         if self.prompt.trim().is_empty() {
-            anyhow::bail!(
-                "--prompt is empty: describe the music, e.g. --prompt \"calm ocean waves\""
-            );
+            anyhow::bail!("--prompt is empty: describe the music, e.g. --prompt \"calm ocean waves\"");
         }
         super::check_output_dir(&self.output)?;
         if let Some(a) = &self.audio {
             super::check_output_dir(a)?;
         }
         let model = self.model.load()?;
-        let objective =
-            GenerationObjective::from_options(&self.sampling.options(&model, self.seed)?);
+        let objective = GenerationObjective::from_options(&self.sampling.options(&model, self.seed)?);
         let spec = self.projection.spec(&model)?;
         let example = Example {
-            name: self
-                .output
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("example")
-                .to_string(),
+            name: self.output.file_stem().and_then(|s| s.to_str()).unwrap_or("example").to_string(),
             prompt: self.prompt.clone(),
             duration: self.duration,
             seed: self.seed,
@@ -77,8 +69,7 @@ impl GenerateGradients {
         let file = super::single_file(&model, &objective, &spec, vec![(example, embedding)])?;
         file.write(&self.output)?;
         if let Some(path) = &self.audio {
-            let mut channels: Vec<Vec<f32>> =
-                model.decode(&prepared.generation.frames)?.to_vec2()?;
+            let mut channels: Vec<Vec<f32>> = model.decode(&prepared.generation.frames)?.to_vec2()?;
             let sr = model.cfg.sample_rate() as u32;
             normalize_loudness(&mut channels, sr)?;
             write_wav(path, &channels, sr)?;

@@ -44,14 +44,9 @@ impl ModelArgs {
         match &self.model {
             None => tiny::build(TINY_SEED, &device),
             Some(p) if p.as_os_str() == "builtin:tiny" => tiny::build(TINY_SEED, &device),
-            Some(dir) => crate::musicgen::load(
-                dir,
-                &LoadOptions {
-                    encodec: self.encodec.clone(),
-                    t5: self.t5.clone(),
-                },
-                &device,
-            ),
+            Some(dir) => {
+                crate::musicgen::load(dir, &LoadOptions { encodec: self.encodec.clone(), t5: self.t5.clone() }, &device)
+            }
         }
     }
 }
@@ -92,9 +87,7 @@ impl SamplingArgs {
         if !guidance.is_finite() {
             bail!("--guidance must be a number, got {guidance}");
         }
-        let extend_stride = self
-            .extend_stride
-            .unwrap_or_else(|| model.default_extend_stride());
+        let extend_stride = self.extend_stride.unwrap_or_else(|| model.default_extend_stride());
         if extend_stride.is_nan() || extend_stride <= 0.0 {
             bail!("--extend-stride must be positive, got {extend_stride}");
         }
@@ -119,11 +112,9 @@ pub fn progress_bar(quiet: bool, message: &str) -> indicatif::ProgressBar {
     }
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} steps · {per_sec} · ETA {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps · {per_sec} · ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     pb.set_message(message.to_string());
     pb
@@ -131,10 +122,7 @@ pub fn progress_bar(quiet: bool, message: &str) -> indicatif::ProgressBar {
 
 /// Parses a positive duration in seconds.
 pub fn parse_duration(s: &str) -> std::result::Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    let v: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if v.is_nan() || v <= 0.0 || !v.is_finite() {
         return Err(format!("the duration must be positive, got {s}"));
     }
@@ -163,13 +151,7 @@ pub struct ProjectionArgs {
 impl ProjectionArgs {
     pub fn spec(&self, model: &MusicGen) -> Result<ProjectorSpec> {
         let (dec, lm) = gradient_dim(model);
-        ProjectorSpec::new(
-            self.projector,
-            self.proj_seed,
-            self.proj_dim,
-            dec + lm,
-            self.proj_sparsity,
-        )
+        ProjectorSpec::new(self.projector, self.proj_seed, self.proj_dim, dec + lm, self.proj_sparsity)
     }
 }
 
@@ -222,11 +204,7 @@ pub fn check_output_dir(path: &std::path::Path) -> Result<()> {
         _ => std::path::Path::new("."),
     };
     if !dir.is_dir() {
-        bail!(
-            "{}: the directory {} does not exist; create it or choose another output",
-            path.display(),
-            dir.display()
-        );
+        bail!("{}: the directory {} does not exist; create it or choose another output", path.display(), dir.display());
     }
     if path.is_dir() {
         bail!("{}: is a directory; give a file name", path.display());

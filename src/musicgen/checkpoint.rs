@@ -15,24 +15,17 @@ use candle_core::{Device, Tensor};
 fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(_) => bail!(
-            "{}: the {what} is corrupt (the reader could not parse it)",
-            path.display()
-        ),
+        Err(_) => bail!("{}: the {what} is corrupt (the reader could not parse it)", path.display()),
     }
 }
 
 fn ensure_readable(path: &Path) -> Result<()> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("{}: cannot read the file", path.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("{}: cannot read the file", path.display()))?;
     if !meta.is_file() {
         bail!("{}: not a regular file", path.display());
     }
     if meta.len() == 0 {
-        bail!(
-            "{}: the file is empty (an interrupted download or copy?)",
-            path.display()
-        );
+        bail!("{}: the file is empty (an interrupted download or copy?)", path.display());
     }
     Ok(())
 }
@@ -41,12 +34,8 @@ fn ensure_readable(path: &Path) -> Result<()> {
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     ensure_readable(path)?;
     guarded(path, "safetensors file", || {
-        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-            anyhow!(
-                "{}: not a valid safetensors file ({e}); re-export or re-download it",
-                path.display()
-            )
-        })
+        candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| anyhow!("{}: not a valid safetensors file ({e}); re-export or re-download it", path.display()))
     })
 }
 
@@ -54,43 +43,24 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 pub fn read_pickle_root(path: &Path) -> Result<Object> {
     ensure_readable(path)?;
     guarded(path, "PyTorch checkpoint", || {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("{}: cannot open", path.display()))?;
+        let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         let mut zip = zip_archive(path, file)?;
-        let names: Vec<String> = zip
-            .file_names()
-            .filter_map(|n| n.ok().map(|n| n.to_string()))
-            .collect();
+        let names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.to_string())).collect();
         let pkl = names
             .iter()
             .find(|n| n.ends_with("data.pkl"))
-            .ok_or_else(|| {
-                anyhow!(
-                    "{}: no data.pkl inside; not a PyTorch checkpoint",
-                    path.display()
-                )
-            })?;
-        let reader = zip
-            .by_name(pkl)
-            .with_context(|| format!("{}: cannot read {pkl}", path.display()))?;
+            .ok_or_else(|| anyhow!("{}: no data.pkl inside; not a PyTorch checkpoint", path.display()))?;
+        let reader = zip.by_name(pkl).with_context(|| format!("{}: cannot read {pkl}", path.display()))?;
         let mut reader = BufReader::new(reader);
         let mut stack = Stack::empty();
-        stack.read_loop(&mut reader).map_err(|e| {
-            anyhow!(
-                "{}: the pickle is corrupt or truncated ({e})",
-                path.display()
-            )
-        })?;
         stack
-            .finalize()
-            .map_err(|e| anyhow!("{}: the pickle is incomplete ({e})", path.display()))
+            .read_loop(&mut reader)
+            .map_err(|e| anyhow!("{}: the pickle is corrupt or truncated ({e})", path.display()))?;
+        stack.finalize().map_err(|e| anyhow!("{}: the pickle is incomplete ({e})", path.display()))
     })
 }
 
-fn zip_archive(
-    path: &Path,
-    file: std::fs::File,
-) -> Result<zip::ZipArchive<BufReader<std::fs::File>>> {
+fn zip_archive(path: &Path, file: std::fs::File) -> Result<zip::ZipArchive<BufReader<std::fs::File>>> {
     zip::ZipArchive::new(BufReader::new(file)).map_err(|e| {
         anyhow!(
             "{}: not a PyTorch zip checkpoint ({e}); it may be truncated, or saved with the legacy non-zip format (re-save it with torch.save)",
@@ -127,13 +97,10 @@ pub fn dict_entries(obj: &Object) -> Option<Vec<(String, &Object)>> {
 
 /// A string value of a pickled dict.
 pub fn dict_string(obj: &Object, key: &str) -> Option<String> {
-    dict_entries(obj)?
-        .into_iter()
-        .find(|(k, _)| k == key)
-        .and_then(|(_, v)| match v {
-            Object::Unicode(s) => Some(s.clone()),
-            _ => None,
-        })
+    dict_entries(obj)?.into_iter().find(|(k, _)| k == key).and_then(|(_, v)| match v {
+        Object::Unicode(s) => Some(s.clone()),
+        _ => None,
+    })
 }
 
 /// Whether a pickled dict has a key.
@@ -158,10 +125,9 @@ pub fn read_hf_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("{}: cannot read", index.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let text = std::fs::read_to_string(&index).with_context(|| format!("{}: cannot read", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -187,7 +153,6 @@ pub fn read_hf_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
 
 /// Reads a JSON file with a message naming it on failure.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }

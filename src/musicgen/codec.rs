@@ -9,9 +9,7 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
 use super::config::{CodecConfig, PadMode};
-use super::ops::{
-    conv_transpose1d, embedding, lstm_layer, reflect_pad_last, ConvTranspose1dParams,
-};
+use super::ops::{conv_transpose1d, embedding, lstm_layer, reflect_pad_last, ConvTranspose1dParams};
 use super::params::Vb;
 
 /// A convolution weight, plain or weight-normalised (`W = g · v / ‖v‖`, the norm taken
@@ -24,10 +22,7 @@ enum ConvWeight {
 impl ConvWeight {
     fn new(vb: &Vb, shape: &[usize]) -> Result<Self> {
         if vb.contains("weight_g") {
-            Ok(Self::Normed {
-                g: vb.param("weight_g", &[shape[0], 1, 1])?,
-                v: vb.param("weight_v", shape)?,
-            })
+            Ok(Self::Normed { g: vb.param("weight_g", &[shape[0], 1, 1])?, v: vb.param("weight_v", shape)? })
         } else {
             Ok(Self::Plain(vb.param("weight", shape)?))
         }
@@ -82,8 +77,7 @@ impl Conv {
         let padding_total = k_eff - self.stride;
         let len = x.dim(D::Minus1)?;
         // Extra right padding so that the last window is complete.
-        let n_frames =
-            (len as f64 - k_eff as f64 + padding_total as f64) / self.stride as f64 + 1.0;
+        let n_frames = (len as f64 - k_eff as f64 + padding_total as f64) / self.stride as f64 + 1.0;
         let ideal = (n_frames.ceil() as usize - 1) * self.stride + (k_eff - padding_total);
         let extra = ideal.saturating_sub(len);
         let (left, right) = if self.causal {
@@ -111,11 +105,7 @@ fn pad1d(x: &Tensor, left: usize, right: usize, mode: PadMode) -> Result<Tensor>
             let len = x.dim(D::Minus1)?;
             let max_pad = left.max(right);
             let extra = if len <= max_pad { max_pad - len + 1 } else { 0 };
-            let x = if extra > 0 {
-                x.pad_with_zeros(D::Minus1, 0, extra)?
-            } else {
-                x.clone()
-            };
+            let x = if extra > 0 { x.pad_with_zeros(D::Minus1, 0, extra)? } else { x.clone() };
             let padded = reflect_pad_last(&x, left, right)?;
             let keep = padded.dim(D::Minus1)? - extra;
             Ok(padded.narrow(D::Minus1, 0, keep)?)
@@ -134,14 +124,7 @@ struct ConvTr {
 }
 
 impl ConvTr {
-    fn new(
-        cfg: &CodecConfig,
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        vb: Vb,
-    ) -> Result<Self> {
+    fn new(cfg: &CodecConfig, c_in: usize, c_out: usize, kernel: usize, stride: usize, vb: Vb) -> Result<Self> {
         Ok(Self {
             weight: ConvWeight::new(&vb, &[c_in, c_out, kernel])?,
             bias: vb.param_opt("bias", &[c_out])?,
@@ -154,14 +137,7 @@ impl ConvTr {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.get()?;
-        let y = conv_transpose1d(
-            x,
-            &w,
-            ConvTranspose1dParams {
-                stride: self.stride,
-                ..Default::default()
-            },
-        )?;
+        let y = conv_transpose1d(x, &w, ConvTranspose1dParams { stride: self.stride, ..Default::default() })?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1))?)?,
             None => y,
@@ -220,26 +196,10 @@ impl ResBlock {
         let hidden = dim / cfg.compress;
         let block = vb.pp("block");
         Ok(Self {
-            conv1: Conv::new(
-                cfg,
-                dim,
-                hidden,
-                cfg.residual_kernel_size,
-                1,
-                dilation,
-                block.pp(1).pp("conv"),
-            )?,
+            conv1: Conv::new(cfg, dim, hidden, cfg.residual_kernel_size, 1, dilation, block.pp(1).pp("conv"))?,
             conv2: Conv::new(cfg, hidden, dim, 1, 1, 1, block.pp(3).pp("conv"))?,
             shortcut: if cfg.conv_shortcut {
-                Some(Conv::new(
-                    cfg,
-                    dim,
-                    dim,
-                    1,
-                    1,
-                    1,
-                    vb.pp("shortcut").pp("conv"),
-                )?)
+                Some(Conv::new(cfg, dim, dim, 1, 1, 1, vb.pp("shortcut").pp("conv"))?)
             } else {
                 None
             },
@@ -278,24 +238,12 @@ impl CodecDecoder {
         let mut layers = Vec::new();
         let mut mult = 1usize << cfg.ratios.len();
         let push = |layer: DecoderLayer, layers: &mut Vec<DecoderLayer>| layers.push(layer);
-        let first = Conv::new(
-            cfg,
-            cfg.dimension,
-            mult * cfg.n_filters,
-            cfg.kernel_size,
-            1,
-            1,
-            vb.pp(0).pp("conv"),
-        )?;
+        let first = Conv::new(cfg, cfg.dimension, mult * cfg.n_filters, cfg.kernel_size, 1, 1, vb.pp(0).pp("conv"))?;
         push(DecoderLayer::Conv(first), &mut layers);
         if cfg.lstm_layers > 0 {
             let idx = layers.len();
             push(
-                DecoderLayer::Lstm(Lstm::new(
-                    mult * cfg.n_filters,
-                    cfg.lstm_layers,
-                    vb.pp(idx).pp("lstm"),
-                )?),
+                DecoderLayer::Lstm(Lstm::new(mult * cfg.n_filters, cfg.lstm_layers, vb.pp(idx).pp("lstm"))?),
                 &mut layers,
             );
         }
@@ -308,24 +256,13 @@ impl CodecDecoder {
             for j in 0..cfg.n_residual_layers {
                 let idx = layers.len();
                 let dilation = cfg.dilation_base.pow(j as u32);
-                push(
-                    DecoderLayer::Res(ResBlock::new(cfg, dim / 2, dilation, vb.pp(idx))?),
-                    &mut layers,
-                );
+                push(DecoderLayer::Res(ResBlock::new(cfg, dim / 2, dilation, vb.pp(idx))?), &mut layers);
             }
             mult /= 2;
         }
         push(DecoderLayer::Elu, &mut layers);
         let idx = layers.len();
-        let last = Conv::new(
-            cfg,
-            cfg.n_filters,
-            cfg.channels,
-            cfg.last_kernel_size,
-            1,
-            1,
-            vb.pp(idx).pp("conv"),
-        )?;
+        let last = Conv::new(cfg, cfg.n_filters, cfg.channels, cfg.last_kernel_size, 1, 1, vb.pp(idx).pp("conv"))?;
         push(DecoderLayer::Conv(last), &mut layers);
         Ok(Self { layers })
     }
@@ -353,19 +290,10 @@ pub struct Quantizer {
 impl Quantizer {
     pub fn new(cfg: &CodecConfig, vb: Vb) -> Result<Self> {
         if cfg.codebook_dim != cfg.dimension {
-            bail!(
-                "codebook width {} differs from the latent width {}; not supported",
-                cfg.codebook_dim,
-                cfg.dimension
-            );
+            bail!("codebook width {} differs from the latent width {}; not supported", cfg.codebook_dim, cfg.dimension);
         }
         let codebooks = (0..cfg.n_q)
-            .map(|q| {
-                vb.pp("layers")
-                    .pp(q)
-                    .pp("codebook")
-                    .buffer("embed", &[cfg.card, cfg.codebook_dim])
-            })
+            .map(|q| vb.pp("layers").pp(q).pp("codebook").buffer("embed", &[cfg.card, cfg.codebook_dim]))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { codebooks })
     }
@@ -374,10 +302,7 @@ impl Quantizer {
     pub fn decode(&self, codes: &Tensor) -> Result<Tensor> {
         let n_q = codes.dim(0)?;
         if n_q > self.codebooks.len() {
-            bail!(
-                "{n_q} codebooks given, the codec has {}",
-                self.codebooks.len()
-            );
+            bail!("{n_q} codebooks given, the codec has {}", self.codebooks.len());
         }
         let mut acc = embedding(&self.codebooks[0], &codes.get(0)?)?;
         for q in 1..n_q {

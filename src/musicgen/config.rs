@@ -122,14 +122,7 @@ pub struct GenerationDefaults {
 
 impl Default for GenerationDefaults {
     fn default() -> Self {
-        Self {
-            guidance_scale: 3.0,
-            top_k: 250,
-            top_p: 0.0,
-            temperature: 1.0,
-            use_sampling: true,
-            window_seconds: 30.0,
-        }
+        Self { guidance_scale: 3.0, top_k: 250, top_p: 0.0, temperature: 1.0, use_sampling: true, window_seconds: 30.0 }
     }
 }
 
@@ -157,24 +150,13 @@ impl MusicgenConfig {
     pub fn validate(&self) -> Result<()> {
         let lm = &self.lm;
         if lm.dim == 0 || lm.num_heads == 0 || !lm.dim.is_multiple_of(lm.num_heads) {
-            bail!(
-                "LM width {} is not divisible by its {} heads",
-                lm.dim,
-                lm.num_heads
-            );
+            bail!("LM width {} is not divisible by its {} heads", lm.dim, lm.num_heads);
         }
         if lm.delays.len() != lm.n_q {
-            bail!(
-                "the LM has {} codebooks but {} codebook delays",
-                lm.n_q,
-                lm.delays.len()
-            );
+            bail!("the LM has {} codebooks but {} codebook delays", lm.n_q, lm.delays.len());
         }
         if self.audio_channels == 0 || self.audio_channels > 2 {
-            bail!(
-                "{} audio channels are not supported (1 = mono, 2 = stereo)",
-                self.audio_channels
-            );
+            bail!("{} audio channels are not supported (1 = mono, 2 = stereo)", self.audio_channels);
         }
         if lm.n_q != self.codec.n_q * self.audio_channels {
             bail!(
@@ -185,17 +167,10 @@ impl MusicgenConfig {
             );
         }
         if lm.card != self.codec.card {
-            bail!(
-                "LM card {} differs from the codec's codebook size {}",
-                lm.card,
-                self.codec.card
-            );
+            bail!("LM card {} differs from the codec's codebook size {}", lm.card, self.codec.card);
         }
         if self.codec.ratios.is_empty() || self.codec.ratios.contains(&0) {
-            bail!(
-                "codec upsampling ratios {:?} are invalid",
-                self.codec.ratios
-            );
+            bail!("codec upsampling ratios {:?} are invalid", self.codec.ratios);
         }
         if self.codec.channels != 1 {
             bail!("only mono codecs are supported (stereo MusicGen interleaves two mono streams)");
@@ -204,11 +179,7 @@ impl MusicgenConfig {
             bail!("the T5 config has no heads or no layers");
         }
         if lm.cond_dim != self.t5.d_model {
-            bail!(
-                "the LM expects {}-wide text states but T5 gives {}",
-                lm.cond_dim,
-                self.t5.d_model
-            );
+            bail!("the LM expects {}-wide text states but T5 gives {}", lm.cond_dim, self.t5.d_model);
         }
         Ok(())
     }
@@ -225,52 +196,33 @@ pub(crate) fn json_usize(v: &Value, key: &str) -> Result<usize> {
 fn json_usize_or(v: &Value, key: &str, default: usize) -> Result<usize> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(x) => x
-            .as_u64()
-            .map(|x| x as usize)
-            .with_context(|| format!("field `{key}` is not an integer")),
+        Some(x) => x.as_u64().map(|x| x as usize).with_context(|| format!("field `{key}` is not an integer")),
     }
 }
 
 fn json_f64_or(v: &Value, key: &str, default: f64) -> Result<f64> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(x) => x
-            .as_f64()
-            .with_context(|| format!("field `{key}` is not a number")),
+        Some(x) => x.as_f64().with_context(|| format!("field `{key}` is not a number")),
     }
 }
 
 fn json_bool_or(v: &Value, key: &str, default: bool) -> Result<bool> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(x) => x
-            .as_bool()
-            .with_context(|| format!("field `{key}` is not a boolean")),
+        Some(x) => x.as_bool().with_context(|| format!("field `{key}` is not a boolean")),
     }
 }
 
 fn json_usizes(v: &Value, key: &str) -> Result<Vec<usize>> {
-    let arr = v
-        .get(key)
-        .and_then(Value::as_array)
-        .with_context(|| format!("missing list field `{key}`"))?;
-    arr.iter()
-        .map(|x| {
-            x.as_u64()
-                .map(|x| x as usize)
-                .with_context(|| format!("`{key}` holds a non-integer"))
-        })
-        .collect()
+    let arr = v.get(key).and_then(Value::as_array).with_context(|| format!("missing list field `{key}`"))?;
+    arr.iter().map(|x| x.as_u64().map(|x| x as usize).with_context(|| format!("`{key}` holds a non-integer"))).collect()
 }
 
 impl T5Config {
     /// From a transformers `T5Config` JSON object.
     pub fn from_hf_json(v: &Value) -> Result<Self> {
-        let ff = v
-            .get("feed_forward_proj")
-            .and_then(Value::as_str)
-            .unwrap_or("relu");
+        let ff = v.get("feed_forward_proj").and_then(Value::as_str).unwrap_or("relu");
         let feed_forward = match ff {
             "relu" => T5FeedForward::Relu,
             "gated-gelu" => T5FeedForward::GatedGelu,
@@ -284,11 +236,7 @@ impl T5Config {
             num_layers: json_usize(v, "num_layers")?,
             num_heads: json_usize(v, "num_heads")?,
             relative_attention_num_buckets: json_usize_or(v, "relative_attention_num_buckets", 32)?,
-            relative_attention_max_distance: json_usize_or(
-                v,
-                "relative_attention_max_distance",
-                128,
-            )?,
+            relative_attention_max_distance: json_usize_or(v, "relative_attention_max_distance", 128)?,
             layer_norm_epsilon: json_f64_or(v, "layer_norm_epsilon", 1e-6)?,
             feed_forward,
         })
@@ -327,19 +275,12 @@ impl CodecConfig {
             Some(bw) => ((1000.0 * bw) / (frame_rate * 10.0)).floor() as usize,
             None => bail!("missing `target_bandwidths` (it fixes the number of codebooks)"),
         };
-        let pad_mode = match v
-            .get("pad_mode")
-            .and_then(Value::as_str)
-            .unwrap_or("reflect")
-        {
+        let pad_mode = match v.get("pad_mode").and_then(Value::as_str).unwrap_or("reflect") {
             "reflect" => PadMode::Reflect,
             "constant" => PadMode::Constant,
             other => bail!("EnCodec pad_mode `{other}` is not supported (reflect or constant)"),
         };
-        let norm = v
-            .get("norm_type")
-            .and_then(Value::as_str)
-            .unwrap_or("weight_norm");
+        let norm = v.get("norm_type").and_then(Value::as_str).unwrap_or("weight_norm");
         if norm != "weight_norm" && norm != "none" {
             bail!("EnCodec norm_type `{norm}` is not supported (weight_norm)");
         }
@@ -402,23 +343,14 @@ impl CodecConfig {
 impl MusicgenConfig {
     /// From a transformers `MusicgenConfig` (config.json) plus optional generation_config.json.
     pub fn from_hf_json(config: &Value, generation: Option<&Value>) -> Result<Self> {
-        let dec = config
-            .get("decoder")
-            .context("config.json has no `decoder` section")?;
-        let text = config
-            .get("text_encoder")
-            .context("config.json has no `text_encoder` section")?;
-        let audio = config
-            .get("audio_encoder")
-            .context("config.json has no `audio_encoder` section")?;
+        let dec = config.get("decoder").context("config.json has no `decoder` section")?;
+        let text = config.get("text_encoder").context("config.json has no `text_encoder` section")?;
+        let audio = config.get("audio_encoder").context("config.json has no `audio_encoder` section")?;
         let t5 = T5Config::from_hf_json(text).context("in `text_encoder`")?;
         let codec = CodecConfig::from_hf_json(audio).context("in `audio_encoder`")?;
         let n_q = json_usize(dec, "num_codebooks").context("in `decoder`")?;
         let audio_channels = json_usize_or(dec, "audio_channels", 1)?;
-        let act = dec
-            .get("activation_function")
-            .and_then(Value::as_str)
-            .unwrap_or("gelu");
+        let act = dec.get("activation_function").and_then(Value::as_str).unwrap_or("gelu");
         if act != "gelu" {
             bail!("decoder activation `{act}` is not supported (gelu)");
         }
@@ -433,10 +365,7 @@ impl MusicgenConfig {
             card: json_usize(dec, "vocab_size").context("in `decoder`")?,
             delays,
             cond_dim: t5.d_model,
-            cond_proj: t5.d_model != dim
-                || dec
-                    .get("cross_attention_hidden_size")
-                    .is_some_and(|v| !v.is_null()),
+            cond_proj: t5.d_model != dim || dec.get("cross_attention_hidden_size").is_some_and(|v| !v.is_null()),
             norm_eps: 1e-5,
             max_period: 10_000.0,
             scale_embedding: json_bool_or(dec, "scale_embedding", false)?,
@@ -455,13 +384,7 @@ impl MusicgenConfig {
                 gen.window_seconds = max_len as f64 / codec.frame_rate();
             }
         }
-        let cfg = Self {
-            lm,
-            codec,
-            t5,
-            generation: gen,
-            audio_channels,
-        };
+        let cfg = Self { lm, codec, t5, generation: gen, audio_channels };
         cfg.validate()?;
         Ok(cfg)
     }

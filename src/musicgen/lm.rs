@@ -22,11 +22,7 @@ struct Norm {
 
 impl Norm {
     fn new(dim: usize, eps: f64, vb: Vb) -> Result<Self> {
-        Ok(Self {
-            weight: vb.param("weight", &[dim])?,
-            bias: vb.param("bias", &[dim])?,
-            eps,
-        })
+        Ok(Self { weight: vb.param("weight", &[dim])?, bias: vb.param("bias", &[dim])?, eps })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(layer_norm(x, &self.weight, Some(&self.bias), self.eps)?)
@@ -60,10 +56,7 @@ impl Attention {
     /// `[B, S, D]` -> `[B, H, S, hd]`.
     fn split(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        Ok(linear(x, w, None)?
-            .reshape((b, s, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?)
+        Ok(linear(x, w, None)?.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
     }
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
@@ -74,10 +67,7 @@ impl Attention {
             scores = scores.broadcast_add(m)?;
         }
         let attn = softmax_last(&scores)?;
-        let out = attn
-            .matmul(v)?
-            .transpose(1, 2)?
-            .reshape((b, s, self.heads * self.head_dim))?;
+        let out = attn.matmul(v)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
         Ok(linear(&out, &self.out, None)?)
     }
 
@@ -94,11 +84,7 @@ impl Attention {
             *cache = Some((k.clone(), v.clone()));
         }
         let (s, kv) = (q.dim(2)?, k.dim(2)?);
-        let mask = if s > 1 {
-            Some(causal_mask(s, kv, x.dtype(), x.device())?)
-        } else {
-            None
-        };
+        let mask = if s > 1 { Some(causal_mask(s, kv, x.dtype(), x.device())?) } else { None };
         self.attend(&q, &k, &v, mask.as_ref())
     }
 
@@ -134,15 +120,8 @@ impl Layer {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        memory: &LayerMemory,
-        cache: Option<&mut KvPair>,
-    ) -> Result<Tensor> {
-        let h = (x + self
-            .self_attn
-            .self_attention(&self.norm1.forward(x)?, cache)?)?;
+    fn forward(&self, x: &Tensor, memory: &LayerMemory, cache: Option<&mut KvPair>) -> Result<Tensor> {
+        let h = (x + self.self_attn.self_attention(&self.norm1.forward(x)?, cache)?)?;
         let h = match memory.n_cond {
             0 => h,
             n => {
@@ -154,19 +133,11 @@ impl Layer {
                 let q = self.cross_attn.split(&normed, &self.cross_attn.q)?;
                 let (k, v) = (&memory.k, &memory.v);
                 let c = self.cross_attn.attend(&q, k, v, None)?;
-                let c = if b > n {
-                    c.pad_with_zeros(0, 0, b - n)?
-                } else {
-                    c
-                };
+                let c = if b > n { c.pad_with_zeros(0, 0, b - n)? } else { c };
                 (h + c)?
             }
         };
-        let ff = linear(
-            &linear(&self.norm2.forward(&h)?, &self.linear1, None)?.gelu_erf()?,
-            &self.linear2,
-            None,
-        )?;
+        let ff = linear(&linear(&self.norm2.forward(&h)?, &self.linear1, None)?.gelu_erf()?, &self.linear2, None)?;
         Ok((h + ff)?)
     }
 }
@@ -205,10 +176,7 @@ impl Lm {
     pub fn new(cfg: &LmConfig, vb: Vb) -> Result<Self> {
         let cond_proj = if cfg.cond_proj {
             let p = vb.pp("condition_provider.conditioners.description.output_proj");
-            Some((
-                p.param("weight", &[cfg.dim, cfg.cond_dim])?,
-                p.param("bias", &[cfg.dim])?,
-            ))
+            Some((p.param("weight", &[cfg.dim, cfg.cond_dim])?, p.param("bias", &[cfg.dim])?))
         } else {
             None
         };
@@ -222,15 +190,7 @@ impl Lm {
         let heads = (0..cfg.n_q)
             .map(|k| vb.pp("linears").pp(k).param("weight", &[cfg.card, cfg.dim]))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            cond_proj,
-            emb,
-            layers,
-            out_norm,
-            heads,
-            device: vb.device().clone(),
-        })
+        Ok(Self { cfg: cfg.clone(), cond_proj, emb, layers, out_norm, heads, device: vb.device().clone() })
     }
 
     pub fn config(&self) -> &LmConfig {
@@ -250,9 +210,7 @@ impl Lm {
     /// (broadcast over the `n_cond` conditioned rows).
     pub fn conditioning(&self, states: &Tensor, n_cond: usize) -> Result<Conditioning> {
         let states = if n_cond > 1 {
-            states
-                .broadcast_as((n_cond, states.dim(1)?, states.dim(2)?))?
-                .contiguous()?
+            states.broadcast_as((n_cond, states.dim(1)?, states.dim(2)?))?.contiguous()?
         } else {
             states.clone()
         };
@@ -268,20 +226,12 @@ impl Lm {
     }
 
     pub fn new_cache(&self) -> LmCache {
-        LmCache {
-            layers: (0..self.layers.len()).map(|_| None).collect(),
-            len: 0,
-        }
+        LmCache { layers: (0..self.layers.len()).map(|_| None).collect(), len: 0 }
     }
 
     /// Logits `[B, K, S, card]` for tokens `[B, K, S]` (u32, values ≤ card). With a
     /// cache, positions continue from the cache length and the cache is extended.
-    pub fn forward(
-        &self,
-        tokens: &Tensor,
-        cond: &Conditioning,
-        mut cache: Option<&mut LmCache>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, tokens: &Tensor, cond: &Conditioning, mut cache: Option<&mut LmCache>) -> Result<Tensor> {
         let (_, k, s) = tokens.dims3()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
         let mut h = embedding(&self.emb[0], &tokens.narrow(1, 0, 1)?.squeeze(1)?)?;
@@ -291,14 +241,7 @@ impl Lm {
         if self.cfg.scale_embedding {
             h = (h * (self.cfg.dim as f64).sqrt())?;
         }
-        let pos = sinusoidal_positions(
-            offset,
-            s,
-            self.cfg.dim,
-            self.cfg.max_period,
-            h.dtype(),
-            &self.device,
-        )?;
+        let pos = sinusoidal_positions(offset, s, self.cfg.dim, self.cfg.max_period, h.dtype(), &self.device)?;
         h = h.broadcast_add(&pos)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -308,11 +251,7 @@ impl Lm {
             c.len += s;
         }
         let h = self.out_norm.forward(&h)?;
-        let logits = self
-            .heads
-            .iter()
-            .map(|w| linear(&h, w, None))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let logits = self.heads.iter().map(|w| linear(&h, w, None)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::stack(&logits, 1)?)
     }
 }

@@ -17,12 +17,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde_yaml::Value as Yaml;
 
-use super::checkpoint::{
-    dict_has, dict_string, read_hf_weights, read_json, read_pickle_root, read_pickle_tensors,
-};
-use super::config::{
-    delay_pattern, CodecConfig, GenerationDefaults, LmConfig, MusicgenConfig, PadMode, T5Config,
-};
+use super::checkpoint::{dict_has, dict_string, read_hf_weights, read_json, read_pickle_root, read_pickle_tensors};
+use super::config::{delay_pattern, CodecConfig, GenerationDefaults, LmConfig, MusicgenConfig, PadMode, T5Config};
 use super::model::MusicGen;
 use super::params::ParamStore;
 use super::t5::TextTokenizer;
@@ -77,9 +73,7 @@ pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<MusicGen>
 /// transformers MusicGen LM names -> audiocraft names (q/k/v handled separately).
 fn hf_lm_name(name: &str) -> Option<String> {
     if let Some(rest) = name.strip_prefix("enc_to_dec_proj.") {
-        return Some(format!(
-            "condition_provider.conditioners.description.output_proj.{rest}"
-        ));
+        return Some(format!("condition_provider.conditioners.description.output_proj.{rest}"));
     }
     if let Some(rest) = name.strip_prefix("decoder.lm_heads.") {
         return Some(format!("linears.{rest}"));
@@ -94,17 +88,11 @@ fn hf_lm_name(name: &str) -> Option<String> {
     let r = rest.strip_prefix("layers.")?;
     let (idx, sub) = r.split_once('.')?;
     let mapped = match sub {
-        s if s.starts_with("self_attn_layer_norm.") => {
-            s.replacen("self_attn_layer_norm", "norm1", 1)
-        }
-        s if s.starts_with("encoder_attn_layer_norm.") => {
-            s.replacen("encoder_attn_layer_norm", "norm_cross", 1)
-        }
+        s if s.starts_with("self_attn_layer_norm.") => s.replacen("self_attn_layer_norm", "norm1", 1),
+        s if s.starts_with("encoder_attn_layer_norm.") => s.replacen("encoder_attn_layer_norm", "norm_cross", 1),
         s if s.starts_with("final_layer_norm.") => s.replacen("final_layer_norm", "norm2", 1),
         s if s.starts_with("self_attn.out_proj.") => s.to_string(),
-        s if s.starts_with("encoder_attn.out_proj.") => {
-            s.replacen("encoder_attn", "cross_attention", 1)
-        }
+        s if s.starts_with("encoder_attn.out_proj.") => s.replacen("encoder_attn", "cross_attention", 1),
         s if s.starts_with("fc1.") => s.replacen("fc1", "linear1", 1),
         s if s.starts_with("fc2.") => s.replacen("fc2", "linear2", 1),
         _ => return None,
@@ -117,10 +105,7 @@ fn hf_lm_name(name: &str) -> Option<String> {
 fn hf_lm_tensors(all: &HashMap<String, Tensor>, layers: usize) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for (name, t) in all {
-        if name.contains("_attn.q_proj")
-            || name.contains("_attn.k_proj")
-            || name.contains("_attn.v_proj")
-        {
+        if name.contains("_attn.q_proj") || name.contains("_attn.k_proj") || name.contains("_attn.v_proj") {
             continue;
         }
         if name.contains("embed_positions") {
@@ -134,20 +119,13 @@ fn hf_lm_tensors(all: &HashMap<String, Tensor>, layers: usize) -> Result<HashMap
         }
     }
     for i in 0..layers {
-        for (hf, ac) in [
-            ("self_attn", "self_attn"),
-            ("encoder_attn", "cross_attention"),
-        ] {
+        for (hf, ac) in [("self_attn", "self_attn"), ("encoder_attn", "cross_attention")] {
             let p = format!("decoder.model.decoder.layers.{i}.{hf}");
             let get = |x: &str| {
-                all.get(&format!("{p}.{x}_proj.weight"))
-                    .ok_or_else(|| anyhow!("missing tensor `{p}.{x}_proj.weight`"))
+                all.get(&format!("{p}.{x}_proj.weight")).ok_or_else(|| anyhow!("missing tensor `{p}.{x}_proj.weight`"))
             };
             let packed = Tensor::cat(&[get("q")?, get("k")?, get("v")?], 0)?;
-            out.insert(
-                format!("transformer.layers.{i}.{ac}.in_proj_weight"),
-                packed,
-            );
+            out.insert(format!("transformer.layers.{i}.{ac}.in_proj_weight"), packed);
             for x in ["q", "k", "v"] {
                 let bias = format!("{p}.{x}_proj.bias");
                 if let Some(t) = all.get(&bias) {
@@ -182,9 +160,7 @@ fn codec_tensors(all: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
 }
 
 fn strip_prefix_map(all: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
-    all.iter()
-        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|r| (r.to_string(), v.clone())))
-        .collect()
+    all.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|r| (r.to_string(), v.clone()))).collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -206,12 +182,7 @@ pub fn hub_cache_dirs() -> Vec<PathBuf> {
         dirs.push(PathBuf::from(p).join("huggingface").join("hub"));
     }
     if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(
-            PathBuf::from(home)
-                .join(".cache")
-                .join("huggingface")
-                .join("hub"),
-        );
+        dirs.push(PathBuf::from(home).join(".cache").join("huggingface").join("hub"));
     }
     dirs.dedup();
     dirs
@@ -246,18 +217,10 @@ pub fn find_in_hub(repo_ids: &[&str]) -> std::result::Result<PathBuf, Vec<PathBu
     Err(searched)
 }
 
-fn resolve_pretrained(
-    kind: &str,
-    name: &str,
-    explicit: Option<&Path>,
-    flag: &str,
-) -> Result<PathBuf> {
+fn resolve_pretrained(kind: &str, name: &str, explicit: Option<&Path>, flag: &str) -> Result<PathBuf> {
     if let Some(p) = explicit {
         if !p.join("config.json").exists() {
-            bail!(
-                "{}: {flag} must be a directory with config.json and weights of {kind}",
-                p.display()
-            );
+            bail!("{}: {flag} must be a directory with config.json and weights of {kind}", p.display());
         }
         return Ok(p.to_path_buf());
     }
@@ -280,26 +243,15 @@ fn resolve_pretrained(
 // T5
 
 fn load_t5_dir(dir: &Path, device: &Device) -> Result<(T5Config, ParamStore, TextTokenizer)> {
-    let cfg = T5Config::from_hf_json(&read_json(&dir.join("config.json"))?).with_context(|| {
-        format!(
-            "{}: unsupported T5 config",
-            dir.join("config.json").display()
-        )
-    })?;
+    let cfg = T5Config::from_hf_json(&read_json(&dir.join("config.json"))?)
+        .with_context(|| format!("{}: unsupported T5 config", dir.join("config.json").display()))?;
     let weights = read_hf_weights(dir)?;
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.exists() {
-        bail!(
-            "{}: missing; the T5 directory needs the fast tokenizer file tokenizer.json",
-            tok_path.display()
-        );
+        bail!("{}: missing; the T5 directory needs the fast tokenizer file tokenizer.json", tok_path.display());
     }
     let tokenizer = TextTokenizer::from_file(&tok_path)?;
-    Ok((
-        cfg,
-        ParamStore::new(weights, dir.display().to_string(), device),
-        tokenizer,
-    ))
+    Ok((cfg, ParamStore::new(weights, dir.display().to_string(), device), tokenizer))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -309,11 +261,7 @@ fn load_transformers(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<
     let config_path = dir.join("config.json");
     let config = read_json(&config_path)?;
     let gen_path = dir.join("generation_config.json");
-    let generation = if gen_path.exists() {
-        Some(read_json(&gen_path)?)
-    } else {
-        None
-    };
+    let generation = if gen_path.exists() { Some(read_json(&gen_path)?) } else { None };
     let cfg = MusicgenConfig::from_hf_json(&config, generation.as_ref())
         .with_context(|| format!("{}: unsupported MusicGen config", config_path.display()))?;
     let all = read_hf_weights(dir)?;
@@ -330,8 +278,7 @@ pub fn from_transformers_tensors(
     device: &Device,
 ) -> Result<MusicGen> {
     let origin = dir.display().to_string();
-    let lm =
-        hf_lm_tensors(&all, cfg.lm.num_layers).with_context(|| format!("{origin}: LM weights"))?;
+    let lm = hf_lm_tensors(&all, cfg.lm.num_layers).with_context(|| format!("{origin}: LM weights"))?;
     let codec = match &opts.encodec {
         Some(p) => codec_tensors(read_hf_weights(p)?),
         None => codec_tensors(strip_prefix_map(&all, "audio_encoder.")),
@@ -341,20 +288,15 @@ pub fn from_transformers_tensors(
         let (_, store, tok) = load_t5_dir(p, device)?;
         (store, tok)
     } else {
-        let store = ParamStore::new(
-            strip_prefix_map(&all, "text_encoder."),
-            format!("{origin} (text_encoder)"),
-            device,
-        );
+        let store =
+            ParamStore::new(strip_prefix_map(&all, "text_encoder."), format!("{origin} (text_encoder)"), device);
         let tok = if let Some(tok) = tokenizer {
             tok
         } else if tok_path.exists() {
             TextTokenizer::from_file(&tok_path)?
         } else {
             let t5_dir = resolve_pretrained("T5 text encoder", "t5-base", None, "--t5")
-                .with_context(|| {
-                    format!("{}: no tokenizer.json next to the weights", dir.display())
-                })?;
+                .with_context(|| format!("{}: no tokenizer.json next to the weights", dir.display()))?;
             TextTokenizer::from_file(&t5_dir.join("tokenizer.json"))?
         };
         (store, tok)
@@ -400,8 +342,7 @@ fn yaml_str<'a>(v: &'a Yaml, path: &str) -> Option<&'a str> {
 }
 
 fn parse_xp_cfg(path: &Path, text: &str) -> Result<Yaml> {
-    serde_yaml::from_str(text)
-        .with_context(|| format!("{}: `xp.cfg` is not valid YAML", path.display()))
+    serde_yaml::from_str(text).with_context(|| format!("{}: `xp.cfg` is not valid YAML", path.display()))
 }
 
 /// LM hyper-parameters from an audiocraft `xp.cfg`.
@@ -412,10 +353,7 @@ fn lm_config_from_xp(xp: &Yaml, cond_dim: usize) -> Result<(LmConfig, usize)> {
             let s = match v {
                 Yaml::String(s) => s.clone(),
                 Yaml::Bool(b) => b.to_string(),
-                other => serde_yaml::to_string(other)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string(),
+                other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
             };
             if s != expect {
                 bail!("xp.cfg: `{t}.{key}: {s}` is not supported (only `{expect}`)");
@@ -467,14 +405,8 @@ fn lm_config_from_xp(xp: &Yaml, cond_dim: usize) -> Result<(LmConfig, usize)> {
 fn generation_from_xp(xp: &Yaml) -> GenerationDefaults {
     let d = GenerationDefaults::default();
     GenerationDefaults {
-        guidance_scale: yaml_f64_or(
-            xp,
-            "classifier_free_guidance.inference_coef",
-            d.guidance_scale,
-        ),
-        top_k: yaml_get(xp, "generate.lm.top_k")
-            .and_then(Yaml::as_u64)
-            .map_or(d.top_k, |x| x as usize),
+        guidance_scale: yaml_f64_or(xp, "classifier_free_guidance.inference_coef", d.guidance_scale),
+        top_k: yaml_get(xp, "generate.lm.top_k").and_then(Yaml::as_u64).map_or(d.top_k, |x| x as usize),
         top_p: yaml_f64_or(xp, "generate.lm.top_p", d.top_p),
         temperature: yaml_f64_or(xp, "generate.lm.temp", d.temperature),
         use_sampling: yaml_bool_or(xp, "generate.lm.use_sampling", d.use_sampling),
@@ -487,11 +419,7 @@ fn codec_config_from_xp(xp: &Yaml) -> Result<CodecConfig> {
     let s = "seanet";
     let ratios = yaml_get(xp, &format!("{s}.ratios"))
         .and_then(Yaml::as_sequence)
-        .and_then(|r| {
-            r.iter()
-                .map(|x| x.as_u64().map(|x| x as usize))
-                .collect::<Option<Vec<_>>>()
-        })
+        .and_then(|r| r.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
         .ok_or_else(|| anyhow!("xp.cfg: missing `seanet.ratios`"))?;
     let act = yaml_str(xp, &format!("{s}.activation")).unwrap_or("ELU");
     if act != "ELU" {
@@ -518,9 +446,7 @@ fn codec_config_from_xp(xp: &Yaml) -> Result<CodecConfig> {
         residual_kernel_size: yaml_usize(xp, &format!("{s}.residual_kernel_size"))?,
         dilation_base: yaml_usize(xp, &format!("{s}.dilation_base"))?,
         n_residual_layers: yaml_usize(xp, &format!("{s}.n_residual_layers"))?,
-        lstm_layers: yaml_get(xp, &format!("{s}.lstm"))
-            .and_then(Yaml::as_u64)
-            .unwrap_or(0) as usize,
+        lstm_layers: yaml_get(xp, &format!("{s}.lstm")).and_then(Yaml::as_u64).unwrap_or(0) as usize,
         compress: yaml_usize(xp, &format!("{s}.compress"))?,
         conv_shortcut: !yaml_bool_or(xp, &format!("{s}.true_skip"), true),
         pad_mode,
@@ -528,9 +454,7 @@ fn codec_config_from_xp(xp: &Yaml) -> Result<CodecConfig> {
         trim_right_ratio: yaml_f64_or(xp, &format!("{s}.decoder.trim_right_ratio"), 1.0),
         n_q: yaml_usize(xp, "rvq.n_q")?,
         card: yaml_usize(xp, "rvq.bins")?,
-        codebook_dim: yaml_get(xp, "rvq.dimension")
-            .and_then(Yaml::as_u64)
-            .map_or(dimension, |x| x as usize),
+        codebook_dim: yaml_get(xp, "rvq.dimension").and_then(Yaml::as_u64).map_or(dimension, |x| x as usize),
     })
 }
 
@@ -566,14 +490,8 @@ fn load_audiocraft_codec(
         },
     };
     let codec_dir = resolve_pretrained("EnCodec", &pointer, opts.encodec.as_deref(), "--encodec")?;
-    let cfg = CodecConfig::from_hf_json(&read_json(&codec_dir.join("config.json"))?).with_context(
-        || {
-            format!(
-                "{}: unsupported EnCodec config",
-                codec_dir.join("config.json").display()
-            )
-        },
-    )?;
+    let cfg = CodecConfig::from_hf_json(&read_json(&codec_dir.join("config.json"))?)
+        .with_context(|| format!("{}: unsupported EnCodec config", codec_dir.join("config.json").display()))?;
     let tensors = codec_tensors(read_hf_weights(&codec_dir)?);
     Ok((cfg, tensors, codec_dir.display().to_string()))
 }
@@ -582,16 +500,10 @@ fn load_audiocraft(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Mu
     let lm_path = dir.join("state_dict.bin");
     let root = read_pickle_root(&lm_path)?;
     let xp_text = dict_string(&root, "xp.cfg").ok_or_else(|| {
-        anyhow!(
-            "{}: no `xp.cfg` string; expected an audiocraft export (export_lm)",
-            lm_path.display()
-        )
+        anyhow!("{}: no `xp.cfg` string; expected an audiocraft export (export_lm)", lm_path.display())
     })?;
     if !dict_has(&root, "best_state") {
-        bail!(
-            "{}: no `best_state`; expected an audiocraft export (export_lm)",
-            lm_path.display()
-        );
+        bail!("{}: no `best_state`; expected an audiocraft export (export_lm)", lm_path.display());
     }
     let xp = parse_xp_cfg(&lm_path, &xp_text)?;
     let lm_tensors = read_pickle_tensors(&lm_path, Some("best_state"))?;
@@ -599,8 +511,8 @@ fn load_audiocraft(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Mu
         .get("condition_provider.conditioners.description.output_proj.weight")
         .ok_or_else(|| anyhow!("{}: no text-conditioning projection (`condition_provider.conditioners.description.output_proj.weight`); only text-conditioned MusicGen is supported", lm_path.display()))?;
     let cond_dim = proj.dim(1)?;
-    let (lm_cfg, channels) = lm_config_from_xp(&xp, cond_dim)
-        .with_context(|| format!("{}: unsupported LM config", lm_path.display()))?;
+    let (lm_cfg, channels) =
+        lm_config_from_xp(&xp, cond_dim).with_context(|| format!("{}: unsupported LM config", lm_path.display()))?;
     let (codec_cfg, codec, codec_origin) = load_audiocraft_codec(dir, &xp, opts)?;
     let t5_name = yaml_str(&xp, "conditioners.description.t5.name").unwrap_or("t5-base");
     let t5_dir = resolve_pretrained("T5 text encoder", t5_name, opts.t5.as_deref(), "--t5")?;
@@ -612,12 +524,7 @@ fn load_audiocraft(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Mu
         generation: generation_from_xp(&xp),
         audio_channels: channels,
     };
-    cfg.validate().with_context(|| {
-        format!(
-            "{}: the LM, codec and T5 do not fit together",
-            dir.display()
-        )
-    })?;
+    cfg.validate().with_context(|| format!("{}: the LM, codec and T5 do not fit together", dir.display()))?;
     MusicGen::new(
         cfg,
         tokenizer,
@@ -638,14 +545,8 @@ mod tests {
             hf_lm_name("decoder.model.decoder.layers.3.encoder_attn_layer_norm.bias").as_deref(),
             Some("transformer.layers.3.norm_cross.bias")
         );
-        assert_eq!(
-            hf_lm_name("decoder.lm_heads.2.weight").as_deref(),
-            Some("linears.2.weight")
-        );
-        assert_eq!(
-            hf_lm_name("decoder.model.decoder.embed_tokens.1.weight").as_deref(),
-            Some("emb.1.weight")
-        );
+        assert_eq!(hf_lm_name("decoder.lm_heads.2.weight").as_deref(), Some("linears.2.weight"));
+        assert_eq!(hf_lm_name("decoder.model.decoder.embed_tokens.1.weight").as_deref(), Some("emb.1.weight"));
         assert_eq!(
             hf_lm_name("enc_to_dec_proj.bias").as_deref(),
             Some("condition_provider.conditioners.description.output_proj.bias")
@@ -658,25 +559,13 @@ mod tests {
 
     #[test]
     fn maps_codec_names_of_both_layouts() {
-        assert_eq!(
-            codec_name("decoder.model.3.convtr.convtr.weight_g"),
-            "decoder.layers.3.conv.weight_g"
-        );
-        assert_eq!(
-            codec_name("decoder.model.4.block.1.conv.conv.weight_v"),
-            "decoder.layers.4.block.1.conv.weight_v"
-        );
+        assert_eq!(codec_name("decoder.model.3.convtr.convtr.weight_g"), "decoder.layers.3.conv.weight_g");
+        assert_eq!(codec_name("decoder.model.4.block.1.conv.conv.weight_v"), "decoder.layers.4.block.1.conv.weight_v");
         assert_eq!(
             codec_name("decoder.layers.0.conv.parametrizations.weight.original0"),
             "decoder.layers.0.conv.weight_g"
         );
-        assert_eq!(
-            codec_name("quantizer.vq.layers.2._codebook.embed"),
-            "quantizer.layers.2.codebook.embed"
-        );
-        assert_eq!(
-            codec_name("decoder.model.1.lstm.weight_ih_l0"),
-            "decoder.layers.1.lstm.weight_ih_l0"
-        );
+        assert_eq!(codec_name("quantizer.vq.layers.2._codebook.embed"), "quantizer.layers.2.codebook.embed");
+        assert_eq!(codec_name("decoder.model.1.lstm.weight_ih_l0"), "decoder.layers.1.lstm.weight_ih_l0");
     }
 }

@@ -133,10 +133,7 @@ impl MusicGen {
         }
         let ids = self.tokenizer.encode(prompt)?;
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.t5.vocab_size) {
-            bail!(
-                "token id {bad} is outside the T5 vocabulary ({})",
-                self.cfg.t5.vocab_size
-            );
+            bail!("token id {bad} is outside the T5 vocabulary ({})", self.cfg.t5.vocab_size);
         }
         self.t5.forward(&ids)
     }
@@ -169,10 +166,7 @@ impl MusicGen {
         }
         let total = self.frames_for(duration);
         if total == 0 {
-            bail!(
-                "{duration} s is shorter than one frame ({} frames per second)",
-                self.cfg.frame_rate()
-            );
+            bail!("{duration} s is shorter than one frame ({} frames per second)", self.cfg.frame_rate());
         }
         let window = self.frames_for(self.cfg.generation.window_seconds).max(1);
         let stride = (self.cfg.frame_rate() * opts.extend_stride).floor() as usize;
@@ -188,10 +182,8 @@ impl MusicGen {
         let plan = plan_windows(total, window, stride);
         let pattern = self.pattern();
         if let Some(pb) = progress {
-            let steps: usize = plan
-                .iter()
-                .map(|&(_, p, len)| pattern.num_steps(len) - pattern.first_step_after_prompt(p))
-                .sum();
+            let steps: usize =
+                plan.iter().map(|&(_, p, len)| pattern.num_steps(len) - pattern.first_step_after_prompt(p)).sum();
             pb.set_length(steps as u64);
         }
         let guided = opts.guidance_scale != 1.0;
@@ -200,32 +192,15 @@ impl MusicGen {
         let mut windows = Vec::with_capacity(plan.len());
         let mut prompt_frames: Vec<Vec<u32>> = vec![Vec::new(); self.cfg.lm.n_q];
         for (wi, &(_, prompt_len, len)) in plan.iter().enumerate() {
-            let frames = self.generate_window(
-                &cond,
-                guided,
-                &prompt_frames,
-                len,
-                wi as u64,
-                opts,
-                progress,
-            )?;
+            let frames = self.generate_window(&cond, guided, &prompt_frames, len, wi as u64, opts, progress)?;
             for (k, row) in frames.iter().enumerate() {
                 all[k].extend_from_slice(&row[prompt_len..]);
             }
-            windows.push(Window {
-                prompt_len,
-                frames: frames.clone(),
-            });
+            windows.push(Window { prompt_len, frames: frames.clone() });
             // The next window is prompted with this one minus its first `stride` frames.
-            prompt_frames = frames
-                .iter()
-                .map(|r| r[stride.min(r.len())..].to_vec())
-                .collect();
+            prompt_frames = frames.iter().map(|r| r[stride.min(r.len())..].to_vec()).collect();
         }
-        Ok(Generation {
-            frames: all,
-            windows,
-        })
+        Ok(Generation { frames: all, windows })
     }
 
     /// One window: `len` frames, the first `prompt` ones given.
@@ -285,8 +260,7 @@ impl MusicGen {
                 debug_assert_eq!(row.len(), card);
                 if seq[k][offset] == UNKNOWN {
                     seq[k][offset] = if pattern.frame_at(k, offset, len).is_some() {
-                        opts.sampler
-                            .sample(row, &[window_index, offset as u64, k as u64])
+                        opts.sampler.sample(row, &[window_index, offset as u64, k as u64])
                     } else {
                         pattern.special
                     };
@@ -306,10 +280,7 @@ impl MusicGen {
         let t = frames.first().map_or(0, Vec::len);
         let flat: Vec<u32> = frames.iter().flatten().copied().collect();
         if let Some(&bad) = flat.iter().find(|&&c| c as usize >= self.cfg.codec.card) {
-            bail!(
-                "code {bad} is not a codebook entry (card {})",
-                self.cfg.codec.card
-            );
+            bail!("code {bad} is not a codebook entry (card {})", self.cfg.codec.card);
         }
         let codes = Tensor::from_vec(flat, (k, t), &self.device)?;
         self.codec.decode(&codes, self.cfg.audio_channels)
@@ -333,10 +304,7 @@ impl MusicGen {
             for d in t.dims() {
                 h.update(&(*d as u64).to_le_bytes());
             }
-            let v: Vec<f32> = t
-                .flatten_all()?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec1()?;
+            let v: Vec<f32> = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
             for x in v {
                 h.update(&x.to_le_bytes());
             }
@@ -362,10 +330,7 @@ mod tests {
     fn windows_follow_audiocraft() {
         // 50 fps, 30 s window, 18 s stride, 60 s: windows at 0, 18 and 36 s.
         let plan = plan_windows(3000, 1500, 900);
-        assert_eq!(
-            plan,
-            vec![(0, 0, 1500), (900, 600, 1500), (1800, 600, 1200)]
-        );
+        assert_eq!(plan, vec![(0, 0, 1500), (900, 600, 1500), (1800, 600, 1200)]);
         let new: usize = plan.iter().map(|&(_, p, l)| l - p).sum();
         assert_eq!(new, 3000);
         assert_eq!(plan_windows(100, 1500, 900), vec![(0, 0, 100)]);

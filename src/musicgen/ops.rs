@@ -23,8 +23,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
 /// T5's layer norm: root-mean-square scaling, no mean subtraction, no bias.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(var + eps)?.sqrt()?)?
-        .broadcast_mul(weight)
+    x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(weight)
 }
 
 /// Softmax over the last dimension (max-subtracted, differentiable).
@@ -84,13 +83,7 @@ pub struct ConvTranspose1dParams {
 
 impl Default for ConvTranspose1dParams {
     fn default() -> Self {
-        Self {
-            stride: 1,
-            padding: 0,
-            output_padding: 0,
-            dilation: 1,
-            groups: 1,
-        }
+        Self { stride: 1, padding: 0, output_padding: 0, dilation: 1, groups: 1 }
     }
 }
 
@@ -106,9 +99,7 @@ pub fn conv_transpose1d(x: &Tensor, w: &Tensor, p: ConvTranspose1dParams) -> Res
     let (wc_in, c_out_g, k) = w.dims3()?;
     let g = p.groups.max(1);
     if wc_in != c_in || c_in % g != 0 {
-        candle_core::bail!(
-            "conv_transpose1d: input has {c_in} channels, kernel {wc_in}, groups {g}"
-        );
+        candle_core::bail!("conv_transpose1d: input has {c_in} channels, kernel {wc_in}, groups {g}");
     }
     if p.stride == 0 || p.dilation == 0 {
         candle_core::bail!("conv_transpose1d: stride and dilation must be positive");
@@ -124,16 +115,8 @@ pub fn conv_transpose1d(x: &Tensor, w: &Tensor, p: ConvTranspose1dParams) -> Res
 
     let mut outs = Vec::with_capacity(g);
     for gi in 0..g {
-        let xg = if g == 1 {
-            x.clone()
-        } else {
-            x.narrow(1, gi * c_in_g, c_in_g)?
-        };
-        let wg = if g == 1 {
-            w.clone()
-        } else {
-            w.narrow(0, gi * c_in_g, c_in_g)?
-        };
+        let xg = if g == 1 { x.clone() } else { x.narrow(1, gi * c_in_g, c_in_g)? };
+        let wg = if g == 1 { w.clone() } else { w.narrow(0, gi * c_in_g, c_in_g)? };
         // [B, L, C_in_g] x [C_in_g, C_out_g*K] -> [B, L, C_out_g, K]
         let xt = xg.transpose(1, 2)?.contiguous()?;
         let wm = wg.reshape((c_in_g, c_out_g * k))?;
@@ -142,18 +125,13 @@ pub fn conv_transpose1d(x: &Tensor, w: &Tensor, p: ConvTranspose1dParams) -> Res
         let z = if p.dilation > 1 {
             let z = z.unsqueeze(4)?; // [B, L, C, K, 1]
             let z = z.pad_with_zeros(4, 0, p.dilation - 1)?; // [B, L, C, K, d]
-            z.reshape((b, l, c_out_g, k * p.dilation))?
-                .narrow(3, 0, kd)?
+            z.reshape((b, l, c_out_g, k * p.dilation))?.narrow(3, 0, kd)?
         } else {
             z
         };
         // Pad the tap axis to a multiple of the stride: kd = m·s.
         let m = kd.div_ceil(s);
-        let z = if m * s > kd {
-            z.pad_with_zeros(3, 0, m * s - kd)?
-        } else {
-            z
-        };
+        let z = if m * s > kd { z.pad_with_zeros(3, 0, m * s - kd)? } else { z };
         // Chunk c holds taps [c·s, (c+1)·s): it lands on frames shifted by c.
         let z = z.reshape((b, l, c_out_g, m, s))?;
         let mut acc: Option<Tensor> = None;
@@ -167,22 +145,12 @@ pub fn conv_transpose1d(x: &Tensor, w: &Tensor, p: ConvTranspose1dParams) -> Res
         }
         let acc = acc.expect("m >= 1");
         // [B, L+m-1, C, s] -> [B, C, (L+m-1)·s]
-        let y = acc
-            .permute((0, 2, 1, 3))?
-            .reshape((b, c_out_g, (l + m - 1) * s))?;
+        let y = acc.permute((0, 2, 1, 3))?.reshape((b, c_out_g, (l + m - 1) * s))?;
         let y = y.narrow(2, 0, full_len.min((l + m - 1) * s))?;
         outs.push(y);
     }
-    let y = if g == 1 {
-        outs.pop().expect("one group")
-    } else {
-        Tensor::cat(&outs, 1)?
-    };
-    let y = if p.output_padding > 0 {
-        y.pad_with_zeros(2, 0, p.output_padding)?
-    } else {
-        y
-    };
+    let y = if g == 1 { outs.pop().expect("one group") } else { Tensor::cat(&outs, 1)? };
+    let y = if p.output_padding > 0 { y.pad_with_zeros(2, 0, p.output_padding)? } else { y };
     y.narrow(2, p.padding, out_len)
 }
 
@@ -268,15 +236,7 @@ impl Module for Identity {
 pub fn causal_mask(q_len: usize, kv_len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let offset = kv_len - q_len;
     let data: Vec<f32> = (0..q_len)
-        .flat_map(|i| {
-            (0..kv_len).map(move |j| {
-                if j > i + offset {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
+        .flat_map(|i| (0..kv_len).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(data, (q_len, kv_len), device)?.to_dtype(dtype)
 }
@@ -300,22 +260,8 @@ mod tests {
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6);
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
         diff / scale
     }
 
@@ -324,8 +270,7 @@ mod tests {
         let (b, c_in, l) = x.dims3().unwrap();
         let (_, c_out_g, k) = w.dims3().unwrap();
         let g = p.groups;
-        let out_len =
-            (l - 1) * p.stride + p.dilation * (k - 1) + p.output_padding + 1 - 2 * p.padding;
+        let out_len = (l - 1) * p.stride + p.dilation * (k - 1) + p.output_padding + 1 - 2 * p.padding;
         let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
         let c_out = c_out_g * g;
@@ -336,8 +281,7 @@ mod tests {
                 for j in 0..l {
                     for o in 0..c_out_g {
                         for kk in 0..k {
-                            let pos =
-                                (j * p.stride + kk * p.dilation) as isize - p.padding as isize;
+                            let pos = (j * p.stride + kk * p.dilation) as isize - p.padding as isize;
                             if pos >= 0 && (pos as usize) < out_len {
                                 let oc = gi * c_out_g + o;
                                 y[(bi * c_out + oc) * out_len + pos as usize] +=
@@ -369,78 +313,36 @@ mod tests {
             let ours = conv_transpose1d(
                 &x,
                 &w,
-                ConvTranspose1dParams {
-                    stride: s,
-                    padding: pad,
-                    output_padding: op,
-                    dilation: d,
-                    groups: g,
-                },
+                ConvTranspose1dParams { stride: s, padding: pad, output_padding: op, dilation: d, groups: g },
             )
             .unwrap();
             let reference = naive_conv_transpose1d(
                 &x,
                 &w,
-                ConvTranspose1dParams {
-                    stride: s,
-                    padding: pad,
-                    output_padding: op,
-                    dilation: d,
-                    groups: g,
-                },
+                ConvTranspose1dParams { stride: s, padding: pad, output_padding: op, dilation: d, groups: g },
             );
-            assert_eq!(
-                ours.dims(),
-                reference.dims(),
-                "shape for s={s} p={pad} op={op} d={d} g={g}"
-            );
-            assert!(
-                max_rel(&ours, &reference) < 1e-5,
-                "values for s={s} p={pad} op={op} d={d} g={g}"
-            );
+            assert_eq!(ours.dims(), reference.dims(), "shape for s={s} p={pad} op={op} d={d} g={g}");
+            assert!(max_rel(&ours, &reference) < 1e-5, "values for s={s} p={pad} op={op} d={d} g={g}");
         }
     }
 
     #[test]
     fn conv_transpose1d_backward_matches_finite_differences() {
         use candle_core::Var;
-        for &(s, pad, op, d, g) in &[
-            (2, 0, 0, 1, 1),
-            (3, 1, 1, 1, 1),
-            (2, 1, 0, 2, 1),
-            (2, 0, 1, 1, 2),
-        ] {
-            let p = ConvTranspose1dParams {
-                stride: s,
-                padding: pad,
-                output_padding: op,
-                dilation: d,
-                groups: g,
-            };
+        for &(s, pad, op, d, g) in &[(2, 0, 0, 1, 1), (3, 1, 1, 1, 1), (2, 1, 0, 2, 1), (2, 0, 1, 1, 2)] {
+            let p = ConvTranspose1dParams { stride: s, padding: pad, output_padding: op, dilation: d, groups: g };
             let x = Var::from_tensor(&randn(&[1, 4, 5], 3).to_dtype(DType::F64).unwrap()).unwrap();
-            let w =
-                Var::from_tensor(&randn(&[4, 4 / g, 3], 4).to_dtype(DType::F64).unwrap()).unwrap();
+            let w = Var::from_tensor(&randn(&[4, 4 / g, 3], 4).to_dtype(DType::F64).unwrap()).unwrap();
             // A weighted sum makes every output position matter differently.
             let y0 = conv_transpose1d(&x, &w, p).unwrap();
             let weights = randn(y0.dims(), 5).to_dtype(DType::F64).unwrap();
             let f = |x: &Tensor, w: &Tensor| -> f64 {
-                (conv_transpose1d(x, w, p).unwrap() * &weights)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap()
+                (conv_transpose1d(x, w, p).unwrap() * &weights).unwrap().sum_all().unwrap().to_scalar().unwrap()
             };
             let loss = (y0 * &weights).unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
             for (var, other, is_x) in [(&x, &w, true), (&w, &x, false)] {
-                let grad: Vec<f64> = grads
-                    .get(var)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let grad: Vec<f64> = grads.get(var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
                 let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
                 let eps = 1e-6;
                 for idx in 0..base.len() {
@@ -470,12 +372,7 @@ mod tests {
     #[test]
     fn reflect_pad_mirrors_without_edge() {
         let x = Tensor::from_vec(vec![1f32, 2., 3., 4.], (1, 1, 4), &Device::Cpu).unwrap();
-        let y: Vec<f32> = reflect_pad_last(&x, 2, 3)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let y: Vec<f32> = reflect_pad_last(&x, 2, 3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(y, vec![3., 2., 1., 2., 3., 4., 3., 2., 1.]);
     }
 
@@ -484,12 +381,7 @@ mod tests {
         let x = Tensor::from_vec(vec![1f32, 2., 3., 6.], (1, 4), &Device::Cpu).unwrap();
         let w = Tensor::from_vec(vec![1f32, 2., 1., 1.], 4, &Device::Cpu).unwrap();
         let b = Tensor::from_vec(vec![0f32, 0., 1., 0.], 4, &Device::Cpu).unwrap();
-        let y: Vec<f32> = layer_norm(&x, &w, Some(&b), 0.0)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let y: Vec<f32> = layer_norm(&x, &w, Some(&b), 0.0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         // mean 3, variance (4+1+0+9)/4 = 3.5
         let sd = 3.5f32.sqrt();
         let expect = [-2.0 / sd, -2.0 / sd, 1.0, 3.0 / sd];

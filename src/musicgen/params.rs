@@ -38,11 +38,7 @@ pub struct ParamStore {
 }
 
 impl ParamStore {
-    pub fn new(
-        tensors: HashMap<String, Tensor>,
-        origin: impl Into<String>,
-        device: &Device,
-    ) -> Self {
+    pub fn new(tensors: HashMap<String, Tensor>, origin: impl Into<String>, device: &Device) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Inner {
                 unclaimed: tensors,
@@ -67,11 +63,8 @@ impl ParamStore {
     /// Every claimed tensor (parameters and buffers) by name.
     pub fn claimed(&self) -> HashMap<String, Tensor> {
         let inner = self.lock();
-        let mut out: HashMap<String, Tensor> = inner
-            .params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-            .collect();
+        let mut out: HashMap<String, Tensor> =
+            inner.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
         out.extend(inner.buffers.iter().map(|(n, t)| (n.clone(), t.clone())));
         out
     }
@@ -102,11 +95,7 @@ impl ParamStore {
     /// A builder rooted at `prefix`. With `detach`, tensors are handed out without
     /// gradient tracking (for fast inference that builds no autograd graph).
     pub fn vb(&self, detach: bool) -> Vb {
-        Vb {
-            store: self.clone(),
-            prefix: String::new(),
-            detach,
-        }
+        Vb { store: self.clone(), prefix: String::new(), detach }
     }
 
     /// Trainable parameters in model order.
@@ -130,11 +119,8 @@ impl ParamStore {
     /// matching `allowed`): an unsupported variant (e.g. attention biases) must not be
     /// silently half-loaded.
     pub fn ensure_all_claimed(&self, allowed: &[&str]) -> Result<()> {
-        let left: Vec<String> = self
-            .unclaimed()
-            .into_iter()
-            .filter(|n| !allowed.iter().any(|a| n.contains(a)))
-            .collect();
+        let left: Vec<String> =
+            self.unclaimed().into_iter().filter(|n| !allowed.iter().any(|a| n.contains(a))).collect();
         if !left.is_empty() {
             let shown: Vec<&str> = left.iter().take(5).map(String::as_str).collect();
             bail!(
@@ -179,11 +165,7 @@ impl ParamStore {
         let t = t.to_device(&self.device)?.to_dtype(self.dtype)?;
         if trainable {
             let var = Var::from_tensor(&t)?;
-            let out = if detach {
-                var.as_tensor().detach()
-            } else {
-                var.as_tensor().clone()
-            };
+            let out = if detach { var.as_tensor().detach() } else { var.as_tensor().clone() };
             let idx = inner.params.len();
             inner.params.push((name.to_string(), var));
             inner.index.insert(name.to_string(), idx);
@@ -199,18 +181,13 @@ impl ParamStore {
             return true;
         }
         let inner = self.lock();
-        inner.unclaimed.contains_key(name)
-            || inner.index.contains_key(name)
-            || inner.buffers.contains_key(name)
+        inner.unclaimed.contains_key(name) || inner.index.contains_key(name) || inner.buffers.contains_key(name)
     }
 }
 
 fn check_shape(origin: &str, name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
     if t.dims() != shape {
-        bail!(
-            "{origin}: tensor `{name}` has shape {:?}, the config expects {shape:?}",
-            t.dims()
-        );
+        bail!("{origin}: tensor `{name}` has shape {:?}, the config expects {shape:?}", t.dims());
     }
     Ok(())
 }
@@ -226,16 +203,8 @@ pub struct Vb {
 impl Vb {
     /// Descends into a sub-module.
     pub fn pp(&self, name: impl std::fmt::Display) -> Vb {
-        let prefix = if self.prefix.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{}", self.prefix, name)
-        };
-        Vb {
-            store: self.store.clone(),
-            prefix,
-            detach: self.detach,
-        }
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        Vb { store: self.store.clone(), prefix, detach: self.detach }
     }
 
     fn path(&self, name: &str) -> String {

@@ -51,26 +51,13 @@ impl DelayPattern {
         let t = frames.first().map_or(0, Vec::len);
         let s_len = self.num_steps(t);
         (0..self.n_q())
-            .map(|k| {
-                (0..s_len)
-                    .map(|s| {
-                        self.frame_at(k, s, t)
-                            .map_or(self.special, |f| frames[k][f])
-                    })
-                    .collect()
-            })
+            .map(|k| (0..s_len).map(|s| self.frame_at(k, s, t).map_or(self.special, |f| frames[k][f])).collect())
             .collect()
     }
 
     /// Reads frames (`[K][T]`) back from a step sequence (`[K][S]`).
     pub fn revert(&self, steps: &[Vec<u32>], frames: usize) -> Vec<Vec<u32>> {
-        (0..self.n_q())
-            .map(|k| {
-                (0..frames)
-                    .map(|t| steps[k][t + 1 + self.delays[k]])
-                    .collect()
-            })
-            .collect()
+        (0..self.n_q()).map(|k| (0..frames).map(|t| steps[k][t + 1 + self.delays[k]]).collect()).collect()
     }
 }
 
@@ -81,9 +68,7 @@ mod tests {
     #[test]
     fn build_and_revert_round_trip() {
         let p = DelayPattern::new(vec![0, 1, 2, 3], 99);
-        let frames: Vec<Vec<u32>> = (0..4)
-            .map(|k| (0..5).map(|t| (10 * k + t) as u32).collect())
-            .collect();
+        let frames: Vec<Vec<u32>> = (0..4).map(|k| (0..5).map(|t| (10 * k + t) as u32).collect()).collect();
         let steps = p.build(&frames);
         assert_eq!(steps[0], vec![99, 0, 1, 2, 3, 4, 99, 99, 99]);
         assert_eq!(steps[3], vec![99, 99, 99, 99, 30, 31, 32, 33, 34]);

@@ -23,11 +23,8 @@ impl Sampler {
             return argmax(logits);
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let mut probs: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, ((l as f64 - max) / self.temperature).exp()))
-            .collect();
+        let mut probs: Vec<(u32, f64)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l as f64 - max) / self.temperature).exp())).collect();
         // Most likely first; ties broken by index so the order is total and reproducible.
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let total: f64 = probs.iter().map(|p| p.1).sum();
@@ -78,13 +75,7 @@ mod tests {
     use super::*;
 
     fn sampler(top_k: usize, top_p: f64) -> Sampler {
-        Sampler {
-            use_sampling: true,
-            temperature: 1.0,
-            top_k,
-            top_p,
-            seed: 5,
-        }
+        Sampler { use_sampling: true, temperature: 1.0, top_k, top_p, seed: 5 }
     }
 
     #[test]
@@ -104,18 +95,11 @@ mod tests {
         for i in 0..n {
             counts[s.sample(&logits, &[i]) as usize] += 1;
         }
-        assert_eq!(
-            counts[0] + counts[1],
-            0,
-            "only the two best tokens may be drawn"
-        );
+        assert_eq!(counts[0] + counts[1], 0, "only the two best tokens may be drawn");
         // Renormalised over {2, 3}: p(2) = 3 / (3 + e^5).
         let p2 = 3.0 / (3.0 + 5f64.exp());
         let got = counts[2] as f64 / n as f64;
-        assert!(
-            (got - p2).abs() < 4.0 * (p2 * (1.0 - p2) / n as f64).sqrt() + 1e-3,
-            "{got} vs {p2}"
-        );
+        assert!((got - p2).abs() < 4.0 * (p2 * (1.0 - p2) / n as f64).sqrt() + 1e-3, "{got} vs {p2}");
     }
 
     #[test]

@@ -35,33 +35,20 @@ impl T5Attention {
     fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let split = |w: &Tensor| -> Result<Tensor> {
-            Ok(linear(x, w, None)?
-                .reshape((b, l, self.num_heads, self.d_kv))?
-                .transpose(1, 2)?
-                .contiguous()?)
+            Ok(linear(x, w, None)?.reshape((b, l, self.num_heads, self.d_kv))?.transpose(1, 2)?.contiguous()?)
         };
         let (q, k, v) = (split(&self.q)?, split(&self.k)?, split(&self.v)?);
         // T5 does not scale the scores by 1/sqrt(d).
         let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
         let attn = softmax_last(&scores)?;
-        let out = attn
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, l, self.num_heads * self.d_kv))?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.num_heads * self.d_kv))?;
         Ok(linear(&out, &self.o, None)?)
     }
 }
 
 enum FeedForward {
-    Relu {
-        wi: Tensor,
-        wo: Tensor,
-    },
-    GatedGelu {
-        wi_0: Tensor,
-        wi_1: Tensor,
-        wo: Tensor,
-    },
+    Relu { wi: Tensor, wo: Tensor },
+    GatedGelu { wi_0: Tensor, wi_1: Tensor, wo: Tensor },
 }
 
 struct T5Block {
@@ -98,9 +85,7 @@ impl T5Block {
     }
 
     fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let h = (x + self
-            .attn
-            .forward(&rms_norm(x, &self.attn_norm, self.eps)?, bias)?)?;
+        let h = (x + self.attn.forward(&rms_norm(x, &self.attn_norm, self.eps)?, bias)?)?;
         let n = rms_norm(&h, &self.ff_norm, self.eps)?;
         let ff = match &self.ff {
             FeedForward::Relu { wi, wo } => linear(&linear(&n, wi, None)?.relu()?, wo, None)?,
@@ -129,19 +114,15 @@ impl T5Encoder {
         let shared = if vb.contains("shared.weight") {
             vb.buffer("shared.weight", &[cfg.vocab_size, cfg.d_model])?
         } else {
-            vb.buffer(
-                "encoder.embed_tokens.weight",
-                &[cfg.vocab_size, cfg.d_model],
-            )?
+            vb.buffer("encoder.embed_tokens.weight", &[cfg.vocab_size, cfg.d_model])?
         };
         let enc = vb.pp("encoder");
         let rel_bias = enc.buffer(
             "block.0.layer.0.SelfAttention.relative_attention_bias.weight",
             &[cfg.relative_attention_num_buckets, cfg.num_heads],
         )?;
-        let blocks = (0..cfg.num_layers)
-            .map(|i| T5Block::new(cfg, enc.pp("block").pp(i)))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks =
+            (0..cfg.num_layers).map(|i| T5Block::new(cfg, enc.pp("block").pp(i))).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
             shared,
@@ -180,9 +161,7 @@ impl T5Encoder {
         }
         let ids = Tensor::from_vec(ids, (len, len), &self.device)?;
         // [L, L, H] -> [1, H, L, L]
-        Ok(embedding(&self.rel_bias, &ids)?
-            .permute((2, 0, 1))?
-            .unsqueeze(0)?)
+        Ok(embedding(&self.rel_bias, &ids)?.permute((2, 0, 1))?.unsqueeze(0)?)
     }
 
     /// Last hidden state `[1, L, d_model]` for one token sequence.
@@ -204,9 +183,8 @@ pub struct TextTokenizer {
 
 impl TextTokenizer {
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let inner = Tokenizer::from_file(path).map_err(|e| {
-            anyhow::anyhow!("{}: not a readable tokenizer.json: {e}", path.display())
-        })?;
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| anyhow::anyhow!("{}: not a readable tokenizer.json: {e}", path.display()))?;
         Ok(Self { inner })
     }
 
@@ -218,10 +196,7 @@ impl TextTokenizer {
 
     /// Token ids of a prompt, with the end-of-sequence token T5 appends.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
+        let enc = self.inner.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -232,16 +207,7 @@ impl TextTokenizer {
 
 /// Helper for tests: max |a−b| / max |b|.
 pub fn max_rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let diff = (a - b)?
-        .abs()?
-        .flatten_all()?
-        .max(D::Minus1)?
-        .to_scalar::<f32>()?;
-    let scale = b
-        .abs()?
-        .flatten_all()?
-        .max(D::Minus1)?
-        .to_scalar::<f32>()?
-        .max(1e-12);
+    let diff = (a - b)?.abs()?.flatten_all()?.max(D::Minus1)?.to_scalar::<f32>()?;
+    let scale = b.abs()?.flatten_all()?.max(D::Minus1)?.to_scalar::<f32>()?.max(1e-12);
     Ok(diff / scale)
 }

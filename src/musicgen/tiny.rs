@@ -14,8 +14,7 @@ use candle_core::{Device, Tensor};
 
 use super::codec::Codec;
 use super::config::{
-    delay_pattern, CodecConfig, GenerationDefaults, LmConfig, MusicgenConfig, PadMode, T5Config,
-    T5FeedForward,
+    delay_pattern, CodecConfig, GenerationDefaults, LmConfig, MusicgenConfig, PadMode, T5Config, T5FeedForward,
 };
 use super::lm::Lm;
 use super::loader::{from_transformers_tensors, LoadOptions};
@@ -76,12 +75,8 @@ const WORDS: &[&str] = &[
 /// The tiny model's tokenizer.json: a T5-style unigram tokenizer over characters and
 /// a few music words, ending every sequence with `</s>`.
 pub fn tokenizer_json() -> String {
-    let mut vocab: Vec<(String, f64)> = vec![
-        ("<pad>".into(), 0.0),
-        ("</s>".into(), 0.0),
-        ("<unk>".into(), 0.0),
-        ("▁".into(), -2.0),
-    ];
+    let mut vocab: Vec<(String, f64)> =
+        vec![("<pad>".into(), 0.0), ("</s>".into(), 0.0), ("<unk>".into(), 0.0), ("▁".into(), -2.0)];
     for w in WORDS {
         vocab.push((format!("▁{w}"), -6.0));
     }
@@ -90,15 +85,13 @@ pub fn tokenizer_json() -> String {
         vocab.push((format!("▁{c}"), -9.0));
         vocab.push((c.to_string(), -10.0));
     }
-    let vocab: Vec<serde_json::Value> = vocab
-        .into_iter()
-        .map(|(p, s)| serde_json::json!([p, s]))
-        .collect();
+    let vocab: Vec<serde_json::Value> = vocab.into_iter().map(|(p, s)| serde_json::json!([p, s])).collect();
     let special = |id: u32, content: &str| {
         serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
             "rstrip": false, "normalized": false, "special": true})
     };
-    let metaspace = serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true});
+    let metaspace =
+        serde_json::json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true});
     serde_json::json!({
         "version": "1.0",
         "truncation": null,
@@ -171,34 +164,19 @@ pub fn config(vocab_size: usize) -> MusicgenConfig {
         max_period: 10_000.0,
         scale_embedding: false,
     };
-    let generation = GenerationDefaults {
-        window_seconds: 10.0,
-        ..GenerationDefaults::default()
-    };
-    MusicgenConfig {
-        lm,
-        codec,
-        t5,
-        generation,
-        audio_channels: 1,
-    }
+    let generation = GenerationDefaults { window_seconds: 10.0, ..GenerationDefaults::default() };
+    MusicgenConfig { lm, codec, t5, generation, audio_channels: 1 }
 }
 
 /// Deterministic initial values, keyed by the tensor's name (not by construction order).
 fn initializer(seed: u64) -> Initializer {
     Arc::new(move |name: &str, shape: &[usize]| -> Result<Tensor> {
-        let key = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
+        let key = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         let n: usize = shape.iter().product();
         let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
-        let normal = |std: f64| -> Vec<f32> {
-            (0..n)
-                .map(|i| (rng::normal(seed ^ key, i as u64, 0) * std) as f32)
-                .collect()
-        };
-        let data = if (shape.len() == 1 && name.ends_with(".weight")) || name.ends_with("weight_g")
-        {
+        let normal =
+            |std: f64| -> Vec<f32> { (0..n).map(|i| (rng::normal(seed ^ key, i as u64, 0) * std) as f32).collect() };
+        let data = if (shape.len() == 1 && name.ends_with(".weight")) || name.ends_with("weight_g") {
             vec![1.0f32; n] // layer-norm gains; weight-norm gains (W = v / ‖v‖)
         } else if name.contains(".lstm.") {
             let h = shape[0] as f64 / 4.0;
@@ -220,9 +198,7 @@ fn initializer(seed: u64) -> Initializer {
 fn lm_to_transformers(lm: HashMap<String, Tensor>, dim: usize) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for (name, t) in lm {
-        let hf = if let Some(r) =
-            name.strip_prefix("condition_provider.conditioners.description.output_proj.")
-        {
+        let hf = if let Some(r) = name.strip_prefix("condition_provider.conditioners.description.output_proj.") {
             format!("enc_to_dec_proj.{r}")
         } else if let Some(r) = name.strip_prefix("linears.") {
             format!("decoder.lm_heads.{r}")
@@ -234,16 +210,9 @@ fn lm_to_transformers(lm: HashMap<String, Tensor>, dim: usize) -> Result<HashMap
             let (idx, sub) = r.split_once('.').context("layer name")?;
             let base = format!("decoder.model.decoder.layers.{idx}");
             if let Some(attn) = sub.strip_suffix(".in_proj_weight") {
-                let hf_attn = if attn == "self_attn" {
-                    "self_attn"
-                } else {
-                    "encoder_attn"
-                };
+                let hf_attn = if attn == "self_attn" { "self_attn" } else { "encoder_attn" };
                 for (i, x) in ["q", "k", "v"].iter().enumerate() {
-                    out.insert(
-                        format!("{base}.{hf_attn}.{x}_proj.weight"),
-                        t.narrow(0, i * dim, dim)?.contiguous()?,
-                    );
+                    out.insert(format!("{base}.{hf_attn}.{x}_proj.weight"), t.narrow(0, i * dim, dim)?.contiguous()?);
                 }
                 continue;
             }
@@ -277,17 +246,8 @@ pub fn build_tensors(seed: u64) -> Result<(MusicgenConfig, HashMap<String, Tenso
     let codec = ParamStore::initializing(init, "tiny EnCodec", &dev);
     Codec::new(&cfg.codec, codec.vb(true))?;
     let mut all: HashMap<String, Tensor> = HashMap::new();
-    all.extend(
-        t5.claimed()
-            .into_iter()
-            .map(|(k, v)| (format!("text_encoder.{k}"), v)),
-    );
-    all.extend(
-        codec
-            .claimed()
-            .into_iter()
-            .map(|(k, v)| (format!("audio_encoder.{k}"), v)),
-    );
+    all.extend(t5.claimed().into_iter().map(|(k, v)| (format!("text_encoder.{k}"), v)));
+    all.extend(codec.claimed().into_iter().map(|(k, v)| (format!("audio_encoder.{k}"), v)));
     all.extend(lm_to_transformers(lm.claimed(), cfg.lm.dim)?);
     Ok((cfg, all, tok_json))
 }
@@ -312,12 +272,8 @@ pub fn build(seed: u64, device: &Device) -> Result<MusicGen> {
 pub fn write(dir: &Path, seed: u64) -> Result<()> {
     let (cfg, tensors, tok) = build_tensors(seed)?;
     let (config, generation) = cfg.to_hf_json();
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
-    crate::io::write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+    crate::io::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     crate::io::write_atomic(
         &dir.join("generation_config.json"),
         serde_json::to_string_pretty(&generation)?.as_bytes(),
@@ -335,33 +291,20 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
     let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::with_capacity(names.len());
     for name in names {
         let t = &tensors[name];
-        let v: Vec<f32> = t
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1()?;
+        let v: Vec<f32> = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         data.push((name.clone(), bytes, t.dims().to_vec()));
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = data
         .iter()
-        .map(|(n, b, s)| {
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
-            ))
-        })
+        .map(|(n, b, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
         .collect::<Result<Vec<_>>>()?;
     Ok(safetensors::serialize(views, None)?)
 }
 
 /// A MusicGen of any shape with deterministic random weights, built directly (no files).
 /// Its weights equal those of the tiny model (`build`) when given the tiny config and seed.
-pub fn random_model(
-    cfg: MusicgenConfig,
-    seed: u64,
-    dtype: candle_core::DType,
-    device: &Device,
-) -> Result<MusicGen> {
+pub fn random_model(cfg: MusicgenConfig, seed: u64, dtype: candle_core::DType, device: &Device) -> Result<MusicGen> {
     let tokenizer = TextTokenizer::from_json(&tokenizer_json())?;
     let init = initializer(seed);
     let t5 = ParamStore::initializing(init.clone(), "random T5", device).with_dtype(dtype);
@@ -407,15 +350,7 @@ pub fn small_shape_config(vocab_size: usize) -> MusicgenConfig {
         codebook_dim: 128,
         ..cfg.codec
     };
-    cfg.lm = LmConfig {
-        dim: 1024,
-        num_heads: 16,
-        num_layers: 24,
-        ffn_dim: 4096,
-        card: 2048,
-        cond_dim: 768,
-        ..cfg.lm
-    };
+    cfg.lm = LmConfig { dim: 1024, num_heads: 16, num_layers: 24, ffn_dim: 4096, card: 2048, cond_dim: 768, ..cfg.lm };
     cfg.generation.window_seconds = 30.0;
     cfg
 }

@@ -68,51 +68,15 @@ impl Header {
             }
             Ok(())
         };
-        differ(
-            "format_version",
-            self.format_version.to_string(),
-            other.format_version.to_string(),
-        )?;
-        differ(
-            "model fingerprint",
-            self.model.fingerprint.clone(),
-            other.model.fingerprint.clone(),
-        )?;
-        differ(
-            "objective",
-            self.objective.name.clone(),
-            other.objective.name.clone(),
-        )?;
-        differ(
-            "objective settings",
-            self.objective.settings.to_string(),
-            other.objective.settings.to_string(),
-        )?;
-        differ(
-            "projector kind",
-            format!("{:?}", self.projector.kind),
-            format!("{:?}", other.projector.kind),
-        )?;
-        differ(
-            "projector seed",
-            self.projector.seed.to_string(),
-            other.projector.seed.to_string(),
-        )?;
-        differ(
-            "projector k",
-            self.projector.k.to_string(),
-            other.projector.k.to_string(),
-        )?;
-        differ(
-            "projector D",
-            self.projector.d.to_string(),
-            other.projector.d.to_string(),
-        )?;
-        differ(
-            "projector sparsity",
-            self.projector.sparsity.to_string(),
-            other.projector.sparsity.to_string(),
-        )?;
+        differ("format_version", self.format_version.to_string(), other.format_version.to_string())?;
+        differ("model fingerprint", self.model.fingerprint.clone(), other.model.fingerprint.clone())?;
+        differ("objective", self.objective.name.clone(), other.objective.name.clone())?;
+        differ("objective settings", self.objective.settings.to_string(), other.objective.settings.to_string())?;
+        differ("projector kind", format!("{:?}", self.projector.kind), format!("{:?}", other.projector.kind))?;
+        differ("projector seed", self.projector.seed.to_string(), other.projector.seed.to_string())?;
+        differ("projector k", self.projector.k.to_string(), other.projector.k.to_string())?;
+        differ("projector D", self.projector.d.to_string(), other.projector.d.to_string())?;
+        differ("projector sparsity", self.projector.sparsity.to_string(), other.projector.sparsity.to_string())?;
         Ok(())
     }
 }
@@ -147,13 +111,9 @@ impl EmbeddingFile {
             bail!("{} numbers for {n} rows of {k}", self.data.len());
         }
         let bytes: Vec<u8> = self.data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, k], &bytes)?;
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, k], &bytes)?;
         let mut meta = HashMap::new();
-        meta.insert(
-            METADATA_KEY.to_string(),
-            serde_json::to_string(&self.header)?,
-        );
+        meta.insert(METADATA_KEY.to_string(), serde_json::to_string(&self.header)?);
         Ok(safetensors::serialize([(TENSOR, view)], Some(meta))?)
     }
 
@@ -164,8 +124,7 @@ impl EmbeddingFile {
 
     /// Reads and validates a file written by spintrak.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
         Self::from_bytes(&bytes).with_context(|| format!("{}", path.display()))
     }
 
@@ -179,11 +138,9 @@ impl EmbeddingFile {
             .metadata()
             .as_ref()
             .and_then(|m| m.get(METADATA_KEY))
-            .ok_or_else(|| {
-                anyhow!("a safetensors file without a spintrak header: not an embedding file")
-            })?;
-        let header: Header = serde_json::from_str(header_json)
-            .map_err(|e| anyhow!("the spintrak header is invalid: {e}"))?;
+            .ok_or_else(|| anyhow!("a safetensors file without a spintrak header: not an embedding file"))?;
+        let header: Header =
+            serde_json::from_str(header_json).map_err(|e| anyhow!("the spintrak header is invalid: {e}"))?;
         if header.format_version != FORMAT_VERSION {
             bail!(
                 "embedding format version {} is not supported (this build reads {FORMAT_VERSION})",
@@ -192,23 +149,13 @@ impl EmbeddingFile {
         }
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow!("the file is truncated or corrupt: {e}"))?;
-        let t = st
-            .tensor(TENSOR)
-            .map_err(|_| anyhow!("no `{TENSOR}` tensor"))?;
+        let t = st.tensor(TENSOR).map_err(|_| anyhow!("no `{TENSOR}` tensor"))?;
         let n = header.records.len();
         let k = header.projector.k;
         if t.dtype() != safetensors::Dtype::F32 || t.shape() != [n, k] {
-            bail!(
-                "`{TENSOR}` is {:?} {:?}, the header says f32 [{n}, {k}]",
-                t.dtype(),
-                t.shape()
-            );
+            bail!("`{TENSOR}` is {:?} {:?}, the header says f32 [{n}, {k}]", t.dtype(), t.shape());
         }
-        let data: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let data: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         if data.iter().any(|x| !x.is_finite()) {
             bail!("the embeddings contain NaN or infinite values");
         }
