@@ -4,6 +4,7 @@
 pub mod attribution;
 pub mod audio;
 pub mod cli;
+pub mod dataset;
 pub mod io;
 pub mod musicgen;
 pub mod rng;

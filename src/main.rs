@@ -20,6 +20,8 @@ enum Command {
     GenerateAudio(cli::generate_audio::GenerateAudio),
     GenerateGradients(cli::generate_gradients::GenerateGradients),
     InitModel(cli::init_model::InitModel),
+    GenerateTrainingDatasetParallel(cli::training::GenerateTrainingDataset),
+    Merge(cli::merge::Merge),
     Bench(cli::bench::Bench),
 }
 
@@ -29,6 +31,8 @@ fn main() -> ExitCode {
         Command::GenerateAudio(c) => c.run(),
         Command::GenerateGradients(c) => c.run(),
         Command::InitModel(c) => c.run(),
+        Command::GenerateTrainingDatasetParallel(c) => c.run(),
+        Command::Merge(c) => c.run(),
         Command::Bench(c) => c.run(),
     };
     match result {

@@ -91,10 +91,12 @@ fn bad_inputs_give_one_line_errors() {
         &spintrak(&["generate-audio", "--prompt", "  ", "--duration", "2", "--output", out_s], &[]),
         &["prompt"],
     );
-    let o = spintrak(&["generate-audio", "--prompt", "a", "--duration", "0", "--output", out_s], &[]);
-    assert!(!o.status.success() && stderr(&o).contains("duration"));
-    let o = spintrak(&["generate-audio", "--prompt", "a", "--duration", "-3", "--output", out_s], &[]);
-    assert!(!o.status.success() && stderr(&o).contains("duration"));
+    for d in ["0", "-3"] {
+        let o = spintrak(&["generate-audio", "--prompt", "a", "--duration", d, "--output", out_s], &[]);
+        assert!(!o.status.success() && stderr(&o).contains("the duration must be positive"), "{}", stderr(&o));
+    }
+    let o = spintrak(&["generate-audio", "--prompt", "a", "--duration", "soon", "--output", out_s], &[]);
+    assert!(!o.status.success() && stderr(&o).contains("not a number of seconds"), "{}", stderr(&o));
     // Missing model directory.
     assert_clean_error(
         &spintrak(

@@ -21,7 +21,7 @@ pub struct GenerateAudio {
     #[arg(long)]
     pub prompt: String,
     /// Seconds of audio; beyond the model's window the piece is extended window by window.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
     pub duration: f64,
     /// Random seed: the same seed gives the same audio.
     #[arg(long, default_value_t = 42)]

@@ -21,7 +21,7 @@ pub struct GenerateGradients {
     #[arg(long)]
     pub prompt: String,
     /// Seconds of audio to generate and differentiate.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
     pub duration: f64,
     /// Random seed of the generation.
     #[arg(long, default_value_t = 42)]

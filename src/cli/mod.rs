@@ -4,6 +4,8 @@ pub mod bench;
 pub mod generate_audio;
 pub mod generate_gradients;
 pub mod init_model;
+pub mod merge;
+pub mod training;
 
 use std::path::PathBuf;
 
@@ -191,6 +193,7 @@ pub fn single_file(
             model: model_info(model)?,
             objective: objective.info(),
             projector: spec.clone(),
+            shard: None,
             records,
         },
         data,
@@ -210,4 +213,18 @@ pub fn check_output_dir(path: &std::path::Path) -> Result<()> {
         bail!("{}: is a directory; give a file name", path.display());
     }
     Ok(())
+}
+
+/// A progress bar over examples, showing the current file (hidden when `quiet`).
+pub fn progress_bar_examples(quiet: bool, total: u64) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} examples · ETA {eta} · {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb
 }

@@ -56,7 +56,19 @@ pub struct Header {
     pub model: ModelInfo,
     pub objective: ObjectiveInfo,
     pub projector: ProjectorSpec,
+    /// Set on the output of one shard of a sharded run (`--shard I/N`); `merge` removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardInfo>,
     pub records: Vec<Record>,
+}
+
+/// Which part of a dataset a shard file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub index: usize,
+    pub count: usize,
+    /// Examples in the whole dataset (all shards together).
+    pub dataset_examples: usize,
 }
 
 impl Header {

@@ -1,0 +1,358 @@
+//! `spintrak generate-training-dataset-parallel`: one gradient embedding per training
+//! example, in parallel, resumable after any crash, and shardable across machines.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use super::{check_output_dir, parse_duration, single_file, ModelArgs, ProjectionArgs, SamplingArgs};
+use crate::attribution::{embed, Example, GenerationObjective, Objective, ProjectorSpec};
+use crate::dataset::{walk, TrainingExample};
+use crate::musicgen::MusicGen;
+use crate::store::embedding_file::{ObjectiveInfo, ShardInfo};
+use crate::store::EmbeddingFile;
+
+/// Embed every example of a training dataset (audio + JSON description).
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  spintrak generate-training-dataset-parallel --input DATASET/ --model WEIGHTS/ --duration 30 --output training_gradients_30.bin
+  spintrak generate-training-dataset-parallel --input DATASET/ --model WEIGHTS/ --duration 30 --output training_gradients_30.bin --resume
+  spintrak generate-training-dataset-parallel ... --shard 3/16 --output part3.bin   # then: spintrak merge all.bin part*.bin
+
+Each finished example is saved at once in OUTPUT.state/ (beside the output); after a crash,
+rerun with --resume. Under Slurm arrays the shard comes from SLURM_ARRAY_TASK_ID/COUNT, under
+Kubernetes Indexed Jobs from JOB_COMPLETION_INDEX with --shards N.")]
+pub struct GenerateTrainingDataset {
+    /// Dataset folder: audio files (.wav .mp3 .flac .m4a .aac) each with a same-stem JSON
+    /// `{"description": "...", "duration": seconds}`, searched recursively.
+    #[arg(long)]
+    pub input: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Seconds per example; overrides the JSON's `duration`.
+    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
+    pub duration: Option<f64>,
+    /// Output embedding file.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Generation seed of every example (the earlier tool's default).
+    #[arg(long, default_value_t = 27)]
+    pub seed: u64,
+    /// Continue an interrupted run from OUTPUT.state/.
+    #[arg(long)]
+    pub resume: bool,
+    /// Examples processed at once; the CPU threads are shared among them.
+    #[arg(long, visible_alias = "processes-per-gpu", default_value_t = 1)]
+    pub jobs: usize,
+    /// Process only shard I of N (0-based), e.g. `--shard 3/16`.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    /// Number of shards when the index comes from JOB_COMPLETION_INDEX (Kubernetes).
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Objective whose gradient is embedded.
+    #[arg(long, default_value = "generation")]
+    pub objective: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub projection: ProjectionArgs,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// What a state folder was made with; a resume must match it exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Manifest {
+    model_fingerprint: String,
+    objective: ObjectiveInfo,
+    projector: ProjectorSpec,
+    seed: u64,
+    duration: Option<f64>,
+    shard: Option<ShardInfo>,
+}
+
+impl Manifest {
+    fn check(&self, stored: &Manifest, dir: &Path) -> Result<()> {
+        let fields: [(&str, String, String); 6] = [
+            ("model", self.model_fingerprint.clone(), stored.model_fingerprint.clone()),
+            ("objective", serde_json::to_string(&self.objective)?, serde_json::to_string(&stored.objective)?),
+            ("projector", serde_json::to_string(&self.projector)?, serde_json::to_string(&stored.projector)?),
+            ("seed", self.seed.to_string(), stored.seed.to_string()),
+            ("duration", format!("{:?}", self.duration), format!("{:?}", stored.duration)),
+            ("shard", format!("{:?}", self.shard), format!("{:?}", stored.shard)),
+        ];
+        for (name, now, then) in fields {
+            if now != then {
+                bail!(
+                    "{}: this state was made with a different {name} ({then}; now {now}); rerun with the same settings, or delete the folder to start over",
+                    dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `I/N`, or the cluster's environment.
+fn resolve_shard(arg: Option<&str>, shards: Option<usize>) -> Result<Option<(usize, usize)>> {
+    let parse = |s: &str, what: &str| -> Result<usize> {
+        s.trim().parse::<usize>().with_context(|| format!("{what}: `{s}` is not a non-negative integer"))
+    };
+    let (index, count) = if let Some(a) = arg {
+        let (i, n) = a.split_once('/').with_context(|| format!("--shard `{a}`: expected I/N, e.g. 0/4"))?;
+        (parse(i, "--shard")?, parse(n, "--shard")?)
+    } else if let Ok(i) = std::env::var("SLURM_ARRAY_TASK_ID") {
+        let n = std::env::var("SLURM_ARRAY_TASK_COUNT")
+            .context("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not")?;
+        let min = std::env::var("SLURM_ARRAY_TASK_MIN").ok().map(|m| parse(&m, "SLURM_ARRAY_TASK_MIN")).transpose()?;
+        let i = parse(&i, "SLURM_ARRAY_TASK_ID")? - min.unwrap_or(0);
+        (i, parse(&n, "SLURM_ARRAY_TASK_COUNT")?)
+    } else if let Ok(i) = std::env::var("JOB_COMPLETION_INDEX") {
+        let n = shards.context("JOB_COMPLETION_INDEX is set: pass the number of shards with --shards N")?;
+        (parse(&i, "JOB_COMPLETION_INDEX")?, n)
+    } else if let Some(n) = shards {
+        bail!("--shards {n} needs a shard index: --shard I/{n} or JOB_COMPLETION_INDEX");
+    } else {
+        return Ok(None);
+    };
+    if count == 0 || index >= count {
+        bail!("shard {index}/{count} is out of range (0 ≤ I < N)");
+    }
+    Ok(Some((index, count)))
+}
+
+/// State file of one example: named by a hash of its relative path.
+fn state_file(dir: &Path, rel_path: &str) -> PathBuf {
+    dir.join(format!("{:016x}.bin", xxhash_rust::xxh3::xxh3_64(rel_path.as_bytes())))
+}
+
+enum Event {
+    Started(String),
+    Done,
+    Failed(String, String),
+}
+
+impl GenerateTrainingDataset {
+    pub fn run(&self) -> Result<()> {
+        if self.jobs == 0 {
+            bail!("--jobs must be at least 1");
+        }
+        if self.objective != "generation" {
+            bail!("--objective `{}` is not available (generation)", self.objective);
+        }
+        let shard = resolve_shard(self.shard.as_deref(), self.shards)?;
+        let dataset = walk(&self.input)?;
+        check_output_dir(&self.output)?;
+        if dataset.examples.is_empty() {
+            bail!(
+                "{}: no training examples (audio files .wav .mp3 .flac .m4a .aac with a same-stem .json){}",
+                self.input.display(),
+                if dataset.without_json.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} audio file(s) have no JSON", dataset.without_json.len())
+                }
+            );
+        }
+        if !dataset.without_json.is_empty() && !self.quiet {
+            eprintln!("note: {} audio file(s) without a JSON description are skipped:", dataset.without_json.len());
+            for p in dataset.without_json.iter().take(20) {
+                eprintln!("  {p}");
+            }
+        }
+        let total = dataset.examples.len();
+        let shard_info = shard.map(|(index, count)| ShardInfo { index, count, dataset_examples: total });
+        let mine: Vec<TrainingExample> = dataset
+            .examples
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| shard.is_none_or(|(index, count)| i % count == index))
+            .map(|(_, e)| e)
+            .collect();
+
+        let model = self.model.load()?;
+        let objective = GenerationObjective::from_options(&self.sampling.options(&model, self.seed)?);
+        let spec = self.projection.spec(&model)?;
+        let manifest = Manifest {
+            model_fingerprint: model.fingerprint()?,
+            objective: objective.info(),
+            projector: spec.clone(),
+            seed: self.seed,
+            duration: self.duration,
+            shard: shard_info,
+        };
+        let state_dir = PathBuf::from(format!("{}.state", self.output.display()));
+        self.open_state(&state_dir, &manifest)?;
+
+        let todo: Vec<&TrainingExample> = mine.iter().filter(|e| !valid_state(&state_dir, e, &spec)).collect();
+        let done_before = mine.len() - todo.len();
+        if self.resume && done_before > 0 && !self.quiet {
+            eprintln!("resuming: {done_before} of {} examples already done", mine.len());
+        }
+        let failures = self.process(&model, &objective, &spec, &todo, &state_dir)?;
+        if !failures.is_empty() {
+            let mut msg = format!(
+                "{} of {} examples failed (the {} finished ones are kept in {}; fix these and rerun with --resume):",
+                failures.len(),
+                mine.len(),
+                mine.len() - failures.len(),
+                state_dir.display()
+            );
+            for (p, e) in &failures {
+                msg.push_str(&format!("\n  {p}: {e}"));
+            }
+            eprintln!("{msg}");
+            bail!("{} example(s) failed", failures.len());
+        }
+        // Assemble the output in dataset order from the persisted rows.
+        let mut rows = Vec::with_capacity(mine.len());
+        for e in &mine {
+            let f = EmbeddingFile::read(&state_file(&state_dir, &e.rel_path))?;
+            let r = &f.header.records[0];
+            let ex = Example {
+                name: r.name.clone(),
+                prompt: r.prompt.clone(),
+                duration: r.duration,
+                seed: r.seed,
+                source: r.source.clone(),
+            };
+            rows.push((ex, f.data));
+        }
+        let mut file = single_file(&model, &objective, &spec, rows)?;
+        file.header.shard = shard_info;
+        file.write(&self.output)?;
+        std::fs::remove_dir_all(&state_dir).with_context(|| format!("{}: cannot remove", state_dir.display()))?;
+        if !self.quiet {
+            eprintln!("wrote {} ({} examples, k = {})", self.output.display(), mine.len(), spec.k);
+        }
+        Ok(())
+    }
+
+    fn open_state(&self, dir: &Path, manifest: &Manifest) -> Result<()> {
+        let path = dir.join("manifest.json");
+        if dir.exists() {
+            if !self.resume {
+                bail!(
+                    "{}: an interrupted run left its state here; pass --resume to continue it, or delete the folder to start over",
+                    dir.display()
+                );
+            }
+            let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+            let stored: Manifest = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a spintrak state manifest", path.display()))?;
+            manifest.check(&stored, dir)?;
+        } else {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("{}: cannot create the state folder", dir.display()))?;
+            crate::io::write_atomic(&path, serde_json::to_string_pretty(manifest)?.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Embeds `todo` with `--jobs` workers; returns the failures.
+    fn process(
+        &self,
+        model: &MusicGen,
+        objective: &GenerationObjective,
+        spec: &ProjectorSpec,
+        todo: &[&TrainingExample],
+        state_dir: &Path,
+    ) -> Result<Vec<(String, String)>> {
+        let jobs = self.jobs.min(todo.len()).max(1);
+        let threads = candle_core::utils::get_num_threads();
+        let per_job = (threads / jobs).max(1);
+        let next = AtomicUsize::new(0);
+        let (tx, rx) = mpsc::channel::<Event>();
+        let pb = super::progress_bar_examples(self.quiet, todo.len() as u64);
+        let mut failures = Vec::new();
+        std::thread::scope(|scope| -> Result<()> {
+            for _ in 0..jobs {
+                let tx = tx.clone();
+                let next = &next;
+                scope.spawn(move || {
+                    let pool = match rayon::ThreadPoolBuilder::new().num_threads(per_job).build() {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _ = tx.send(Event::Failed("(worker)".into(), e.to_string()));
+                            return;
+                        }
+                    };
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(ex) = todo.get(i) else { break };
+                        let _ = tx.send(Event::Started(ex.rel_path.clone()));
+                        let result = pool.install(|| self.embed_one(model, objective, spec, ex, state_dir));
+                        let _ = tx.send(match result {
+                            Ok(()) => Event::Done,
+                            Err(e) => Event::Failed(
+                                ex.rel_path.clone(),
+                                format!("{e:#}").lines().next().unwrap_or("").to_string(),
+                            ),
+                        });
+                    }
+                });
+            }
+            drop(tx);
+            for event in rx {
+                match event {
+                    Event::Started(p) => pb.set_message(p),
+                    Event::Done => pb.inc(1),
+                    Event::Failed(p, e) => {
+                        pb.inc(1);
+                        pb.suspend(|| eprintln!("failed: {p}: {e}"));
+                        failures.push((p, e));
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        pb.finish_and_clear();
+        failures.sort();
+        Ok(failures)
+    }
+
+    fn embed_one(
+        &self,
+        model: &MusicGen,
+        objective: &GenerationObjective,
+        spec: &ProjectorSpec,
+        ex: &TrainingExample,
+        state_dir: &Path,
+    ) -> Result<()> {
+        let (prompt, duration) = ex.read_description(self.duration)?;
+        let example =
+            Example { name: ex.file_name(), prompt, duration, seed: self.seed, source: Some(ex.rel_path.clone()) };
+        let (embedding, _, _) = embed(model, objective, spec, &example, None)?;
+        let file = single_file(model, objective, spec, vec![(example, embedding)])?;
+        file.write(&state_file(state_dir, &ex.rel_path))
+    }
+}
+
+/// Whether a finished, readable row for `ex` is in the state folder.
+fn valid_state(dir: &Path, ex: &TrainingExample, spec: &ProjectorSpec) -> bool {
+    match EmbeddingFile::read(&state_file(dir, &ex.rel_path)) {
+        Ok(f) => {
+            f.rows() == 1 && f.header.projector == *spec && f.header.records[0].source.as_deref() == Some(&ex.rel_path)
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve_shard;
+
+    #[test]
+    fn shards_from_flags() {
+        assert_eq!(resolve_shard(Some("3/16"), None).unwrap(), Some((3, 16)));
+        assert!(resolve_shard(Some("16/16"), None).is_err());
+        assert!(resolve_shard(Some("x/2"), None).is_err());
+        assert!(resolve_shard(Some("1"), None).is_err());
+    }
+}
