@@ -82,7 +82,7 @@ fn bench_generation(model: &MusicGen, seconds: f64, bandwidth: f64) -> Result<se
 
 impl Bench {
     pub fn run(&self) -> Result<()> {
-        let sections = ["generation", "gradients", "projection", "all"];
+        let sections = ["generation", "gradients", "projection", "dataset", "all"];
         if !sections.contains(&self.section.as_str()) {
             anyhow::bail!("--section takes one of {sections:?}, got `{}`", self.section);
         }
@@ -114,12 +114,14 @@ impl Bench {
             }
         }
         let projection = if section("projection") { Some(bench_projection(bandwidth)?) } else { None };
+        let dataset = if section("dataset") && want("tiny") { Some(bench_dataset()?) } else { None };
         let out = serde_json::json!({
             "memcpy_bandwidth_gb_per_s": bandwidth / 1e9,
             "threads": candle_core::utils::get_num_threads(),
             "generation": results,
             "gradients": grads,
             "projection": projection,
+            "dataset": dataset,
         });
         if self.json {
             println!("{}", serde_json::to_string_pretty(&out)?);
@@ -132,6 +134,18 @@ impl Bench {
             print_gradients(&grads);
             if let Some(p) = &projection {
                 print_projection(p);
+            }
+            if let Some(d) = &dataset {
+                println!(
+                    "\ntraining-set embedding, tiny model ({} examples of {} s):",
+                    d["examples"], d["seconds_each"]
+                );
+                for jobs in ["1", "2"] {
+                    println!(
+                        "  --jobs {jobs}: {:.2} examples/s",
+                        d[jobs]["examples_per_second"].as_f64().unwrap_or(0.0)
+                    );
+                }
             }
             if results.is_empty() {
                 return Ok(());
@@ -281,4 +295,48 @@ fn print_projection(p: &serde_json::Value) {
             );
         }
     }
+}
+
+/// Examples/second of `generate-training-dataset-parallel` on the tiny model, --jobs 1 and 2.
+fn bench_dataset() -> Result<serde_json::Value> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        inner: super::training::GenerateTrainingDataset,
+    }
+    let tmp = std::env::temp_dir().join(format!("spintrak-bench-{}", std::process::id()));
+    let data = tmp.join("data");
+    std::fs::create_dir_all(&data)?;
+    let (n, seconds) = (16usize, 2.0f64);
+    for i in 0..n {
+        std::fs::write(data.join(format!("s{i:02}.wav")), b"audio")?;
+        std::fs::write(
+            data.join(format!("s{i:02}.json")),
+            format!(r#"{{"description": "song {i}", "duration": {seconds}}}"#),
+        )?;
+    }
+    let mut out = serde_json::Map::new();
+    for jobs in ["1", "2"] {
+        let output = tmp.join(format!("out{jobs}.bin"));
+        let args = [
+            "x",
+            "--input",
+            data.to_str().unwrap_or(""),
+            "--output",
+            output.to_str().unwrap_or(""),
+            "--jobs",
+            jobs,
+            "--quiet",
+        ];
+        let cmd = Wrapper::try_parse_from(args)?.inner;
+        let start = Instant::now();
+        cmd.run()?;
+        let secs = start.elapsed().as_secs_f64();
+        out.insert(jobs.into(), serde_json::json!({"seconds": secs, "examples_per_second": n as f64 / secs}));
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    out.insert("examples".into(), n.into());
+    out.insert("seconds_each".into(), seconds.into());
+    Ok(serde_json::Value::Object(out))
 }
