@@ -1,6 +1,8 @@
 //! Command-line interface: one module per subcommand, sharing argument groups.
 
+pub mod app;
 pub mod bench;
+pub mod experiments;
 pub mod generate_audio;
 pub mod generate_gradients;
 pub mod init_model;

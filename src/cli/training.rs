@@ -2,8 +2,6 @@
 //! example, in parallel, resumable after any crash, and shardable across machines.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -132,12 +130,6 @@ fn state_file(dir: &Path, rel_path: &str) -> PathBuf {
     dir.join(format!("{:016x}.bin", xxhash_rust::xxh3::xxh3_64(rel_path.as_bytes())))
 }
 
-enum Event {
-    Started(String),
-    Done,
-    Failed(String, String),
-}
-
 impl GenerateTrainingDataset {
     pub fn run(&self) -> Result<()> {
         if self.jobs == 0 {
@@ -264,56 +256,15 @@ impl GenerateTrainingDataset {
         todo: &[&TrainingExample],
         state_dir: &Path,
     ) -> Result<Vec<(String, String)>> {
-        let jobs = self.jobs.min(todo.len()).max(1);
-        let threads = candle_core::utils::get_num_threads();
-        let per_job = (threads / jobs).max(1);
-        let next = AtomicUsize::new(0);
-        let (tx, rx) = mpsc::channel::<Event>();
         let pb = super::progress_bar_examples(self.quiet, todo.len() as u64);
-        let mut failures = Vec::new();
-        std::thread::scope(|scope| -> Result<()> {
-            for _ in 0..jobs {
-                let tx = tx.clone();
-                let next = &next;
-                scope.spawn(move || {
-                    let pool = match rayon::ThreadPoolBuilder::new().num_threads(per_job).build() {
-                        Ok(p) => p,
-                        Err(e) => {
-                            let _ = tx.send(Event::Failed("(worker)".into(), e.to_string()));
-                            return;
-                        }
-                    };
-                    loop {
-                        let i = next.fetch_add(1, Ordering::SeqCst);
-                        let Some(ex) = todo.get(i) else { break };
-                        let _ = tx.send(Event::Started(ex.rel_path.clone()));
-                        let result = pool.install(|| self.embed_one(model, objective, spec, ex, state_dir));
-                        let _ = tx.send(match result {
-                            Ok(()) => Event::Done,
-                            Err(e) => Event::Failed(
-                                ex.rel_path.clone(),
-                                format!("{e:#}").lines().next().unwrap_or("").to_string(),
-                            ),
-                        });
-                    }
-                });
-            }
-            drop(tx);
-            for event in rx {
-                match event {
-                    Event::Started(p) => pb.set_message(p),
-                    Event::Done => pb.inc(1),
-                    Event::Failed(p, e) => {
-                        pb.inc(1);
-                        pb.suspend(|| eprintln!("failed: {p}: {e}"));
-                        failures.push((p, e));
-                    }
-                }
-            }
-            Ok(())
-        })?;
+        let failures = crate::parallel::for_each(
+            todo,
+            self.jobs,
+            |ex| ex.rel_path.clone(),
+            |ex| self.embed_one(model, objective, spec, ex, state_dir),
+            &pb,
+        );
         pb.finish_and_clear();
-        failures.sort();
         Ok(failures)
     }
 

@@ -1,0 +1,411 @@
+//! Scores, tables and figures of experiments 1, 3 and 4, and the score tables behind
+//! `spintrak score` / `attribute`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use super::config::format_seconds;
+use super::plot::{render, StripPlot, StripPoint};
+use crate::attribution::score::{scores, top_influences, Influence};
+use crate::store::{EmbeddingFile, Record};
+
+/// Which experiment's results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Experiment {
+    One,
+    Three,
+    Four,
+}
+
+impl Experiment {
+    pub fn number(self) -> u32 {
+        match self {
+            Self::One => 1,
+            Self::Three => 3,
+            Self::Four => 4,
+        }
+    }
+    /// The seed document's regularisation: λ = 10 for experiment 1, 1 for 3 and 4.
+    pub fn default_lambda(self) -> f64 {
+        match self {
+            Self::One => 10.0,
+            Self::Three | Self::Four => 1.0,
+        }
+    }
+}
+
+/// `--label NAME=LABEL` renames a training row in tables and figures.
+#[derive(Debug, Clone, Default)]
+pub struct Labels(pub HashMap<String, String>);
+
+impl Labels {
+    pub fn parse(items: &[String]) -> Result<Self> {
+        let mut map = HashMap::new();
+        for item in items {
+            let (k, v) = item.split_once('=').with_context(|| format!("--label `{item}`: expected NAME=LABEL"))?;
+            if k.is_empty() || v.is_empty() {
+                bail!("--label `{item}`: expected NAME=LABEL");
+            }
+            map.insert(k.to_string(), v.to_string());
+        }
+        Ok(Self(map))
+    }
+
+    /// A training row's label: by name, else by source path, else the file stem of its name.
+    pub fn of(&self, r: &Record) -> String {
+        if let Some(l) = self.0.get(&r.name) {
+            return l.clone();
+        }
+        if let Some(l) = r.source.as_ref().and_then(|s| self.0.get(s)) {
+            return l.clone();
+        }
+        Path::new(&r.name).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| r.name.clone())
+    }
+}
+
+/// Reads an embedding file; a `.pt` path (as the seed document writes the aggregate)
+/// falls back to the `.bin` beside it.
+pub fn read_embeddings(path: &Path) -> Result<EmbeddingFile> {
+    if !path.exists() && path.extension().is_some_and(|e| e == "pt") {
+        let bin = path.with_extension("bin");
+        if bin.exists() {
+            eprintln!("note: reading {} (spintrak writes embedding files as .bin)", bin.display());
+            return EmbeddingFile::read(&bin);
+        }
+    }
+    if !path.exists() {
+        bail!("{}: no such file", path.display());
+    }
+    EmbeddingFile::read(path)
+}
+
+/// Training rows gathered from several files.
+pub struct Training {
+    pub records: Vec<Record>,
+    pub data: Vec<f32>,
+    pub k: usize,
+}
+
+/// Loads training files, checking every one against the queries' header.
+pub fn load_training(query: &EmbeddingFile, query_path: &Path, paths: &[PathBuf]) -> Result<Training> {
+    if paths.is_empty() {
+        bail!("no training embedding files given");
+    }
+    let mut records = Vec::new();
+    let mut data = Vec::new();
+    for p in paths {
+        let f = read_embeddings(p)?;
+        query.header.check_compatible(&f.header, &query_path.display().to_string(), &p.display().to_string())?;
+        records.extend(f.header.records.iter().cloned());
+        data.extend_from_slice(&f.data);
+    }
+    Ok(Training { records, data, k: query.k() })
+}
+
+impl Training {
+    /// The rows with this duration.
+    pub fn with_duration(&self, d: f64) -> Training {
+        let idx: Vec<usize> = (0..self.records.len()).filter(|&i| self.records[i].duration == d).collect();
+        Training {
+            records: idx.iter().map(|&i| self.records[i].clone()).collect(),
+            data: idx.iter().flat_map(|&i| self.data[i * self.k..(i + 1) * self.k].iter().copied()).collect(),
+            k: self.k,
+        }
+    }
+}
+
+/// Scores of some query rows against training rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryScores {
+    pub case: String,
+    pub prompt: String,
+    pub duration: f64,
+    pub seed: u64,
+    pub scores: Vec<TrainingScore>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingScore {
+    pub training: String,
+    pub label: String,
+    pub score: f64,
+    pub percentage: f64,
+    pub direction: &'static str,
+}
+
+/// Scores query rows `rows` of `query` against `training`.
+pub fn score_queries(
+    query: &EmbeddingFile,
+    rows: &[usize],
+    training: &Training,
+    lambda: f64,
+    labels: &Labels,
+) -> Result<Vec<QueryScores>> {
+    let k = query.k();
+    let g: Vec<f32> = rows.iter().flat_map(|&i| query.row(i).iter().copied()).collect();
+    let n = training.records.len();
+    let (s, _) = scores(&g, rows.len(), &training.data, n, k, lambda)?;
+    let names: Vec<String> = training.records.iter().map(|r| r.name.clone()).collect();
+    Ok(rows
+        .iter()
+        .enumerate()
+        .map(|(qi, &row)| {
+            let r = &query.header.records[row];
+            let srow = &s[qi * n..(qi + 1) * n];
+            let infl = top_influences(srow, &names, n);
+            let mut by_index: Vec<Option<Influence>> = vec![None; n];
+            for i in infl {
+                let idx = i.index;
+                by_index[idx] = Some(i);
+            }
+            QueryScores {
+                case: r.name.clone(),
+                prompt: r.prompt.clone(),
+                duration: r.duration,
+                seed: r.seed,
+                scores: by_index
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, inf)| {
+                        let inf = inf.expect("every training row ranked");
+                        TrainingScore {
+                            training: training.records[i].name.clone(),
+                            label: labels.of(&training.records[i]),
+                            score: inf.score,
+                            percentage: inf.percentage,
+                            direction: inf.direction,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect())
+}
+
+/// A plain-text grid table (`+---+` borders), as Python's tabulate "grid" prints.
+pub fn grid_table(headers: &[String], rows: &[Vec<String>]) -> String {
+    let cols = headers.len();
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (c, cell) in r.iter().enumerate().take(cols) {
+            width[c] = width[c].max(cell.chars().count());
+        }
+    }
+    let line = |ch: char| -> String {
+        let mut s = String::from("+");
+        for w in &width {
+            s.push_str(&ch.to_string().repeat(w + 2));
+            s.push('+');
+        }
+        s.push('\n');
+        s
+    };
+    let row = |cells: &[String]| -> String {
+        let mut s = String::from("|");
+        for (c, w) in width.iter().enumerate() {
+            let cell = cells.get(c).map(String::as_str).unwrap_or("");
+            s.push_str(&format!(" {cell}{} |", " ".repeat(w - cell.chars().count())));
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line('-');
+    out.push_str(&row(headers));
+    out.push_str(&line('='));
+    for r in rows {
+        out.push_str(&row(r));
+        out.push_str(&line('-'));
+    }
+    out
+}
+
+/// The files one results command writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultFiles {
+    pub csv: PathBuf,
+    pub json: PathBuf,
+    pub svg: PathBuf,
+    pub png: PathBuf,
+}
+
+/// Everything a results command computed.
+pub struct ExperimentResults {
+    pub scores: Vec<QueryScores>,
+    pub tables: String,
+    pub files: ResultFiles,
+}
+
+fn write_scores(exp: Experiment, out_dir: &Path, lambda: f64, all: &[QueryScores]) -> Result<(PathBuf, PathBuf)> {
+    let n = exp.number();
+    let csv_path = out_dir.join(format!("experiment_{n}_scores.csv"));
+    let json_path = out_dir.join(format!("experiment_{n}_scores.json"));
+    let mut csv = String::from("case,prompt,duration,seed,training,label,score,percentage,direction\n");
+    let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    for c in all {
+        for t in &c.scores {
+            csv.push_str(&format!(
+                "{},{},{},{},{},{},{:e},{},{}\n",
+                q(&c.case),
+                q(&c.prompt),
+                c.duration,
+                c.seed,
+                q(&t.training),
+                q(&t.label),
+                t.score,
+                t.percentage,
+                t.direction
+            ));
+        }
+    }
+    crate::io::write_atomic(&csv_path, csv.as_bytes())?;
+    let json = serde_json::json!({"experiment": n, "lambda": lambda, "cases": all});
+    crate::io::write_atomic(&json_path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    Ok((csv_path, json_path))
+}
+
+/// Order of first appearance.
+fn ordered<T: PartialEq + Clone>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// Runs the results of experiment 1, 3 or 4.
+pub fn experiment_results(
+    exp: Experiment,
+    test_path: &Path,
+    training_paths: &[PathBuf],
+    lambda: f64,
+    labels: &Labels,
+    out_dir: &Path,
+) -> Result<ExperimentResults> {
+    let test = read_embeddings(test_path)?;
+    if test.rows() == 0 {
+        bail!("{}: holds no cases", test_path.display());
+    }
+    let training = load_training(&test, test_path, training_paths)?;
+    if !out_dir.is_dir() {
+        bail!("{}: the output folder does not exist", out_dir.display());
+    }
+    let recs = &test.header.records;
+    let durations = ordered(recs.iter().map(|r| r.duration));
+    let seeds = ordered(recs.iter().map(|r| r.seed));
+    let prompts = ordered(recs.iter().map(|r| r.prompt.clone()));
+    let mut all = Vec::new();
+    let mut tables = String::new();
+    match exp {
+        Experiment::One => {
+            // Pair cases and training rows by the durations in their headers.
+            let available = ordered(training.records.iter().map(|r| r.duration));
+            for &d in &durations {
+                let rows: Vec<usize> = (0..recs.len()).filter(|&i| recs[i].duration == d).collect();
+                let t = training.with_duration(d);
+                if t.records.is_empty() {
+                    let have: Vec<String> = available.iter().map(|x| format!("{} s", format_seconds(*x))).collect();
+                    bail!(
+                        "no training embeddings of {} s among the training files (they hold {}); compute them with `spintrak generate-training-dataset-parallel --duration {}`",
+                        format_seconds(d),
+                        if have.is_empty() { "none".into() } else { have.join(", ") },
+                        format_seconds(d)
+                    );
+                }
+                all.extend(score_queries(&test, &rows, &t, lambda, labels)?);
+            }
+            // Mean of each case's embedding, per duration and seed.
+            let mut headers = vec!["duration".to_string()];
+            headers.extend(seeds.iter().map(|s| format!("seed {s}")));
+            headers.push("all seeds".into());
+            let mut rows = Vec::new();
+            for &d in &durations {
+                let mut row = vec![format!("{} s", format_seconds(d))];
+                let mut sum = 0.0;
+                let mut count = 0;
+                for &s in &seeds {
+                    match recs.iter().position(|r| r.duration == d && r.seed == s) {
+                        Some(i) => {
+                            let mean = test.row(i).iter().map(|&x| x as f64).sum::<f64>() / test.k() as f64;
+                            sum += mean;
+                            count += 1;
+                            row.push(format!("{mean:.4e}"));
+                        }
+                        None => row.push("—".into()),
+                    }
+                }
+                row.push(if count > 0 { format!("{:.4e}", sum / count as f64) } else { "—".into() });
+                rows.push(row);
+            }
+            tables.push_str("Mean of the test embeddings (projected gradients) per duration:\n");
+            tables.push_str(&grid_table(&headers, &rows));
+        }
+        Experiment::Three | Experiment::Four => {
+            let rows: Vec<usize> = (0..recs.len()).collect();
+            all.extend(score_queries(&test, &rows, &training, lambda, labels)?);
+        }
+    }
+    // Score table: one row per case, one column per training song.
+    let songs = ordered(all.iter().flat_map(|c| c.scores.iter().map(|t| t.label.clone())));
+    let mut headers = vec!["case".to_string()];
+    headers.extend(songs.iter().cloned());
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|c| {
+            let mut r = vec![c.case.clone()];
+            for s in &songs {
+                r.push(
+                    c.scores
+                        .iter()
+                        .find(|t| &t.label == s)
+                        .map_or("—".into(), |t| format!("{:+.4e} ({:+.1}%)", t.score, t.percentage)),
+                );
+            }
+            r
+        })
+        .collect();
+    tables.push_str(&format!("Attribution scores (λ = {lambda}):\n"));
+    tables.push_str(&grid_table(&headers, &rows));
+
+    let (csv, json) = write_scores(exp, out_dir, lambda, &all)?;
+    // Plot rows: durations (experiment 1) or prompts (3 and 4), in config order.
+    let row_labels: Vec<String> = match exp {
+        Experiment::One => durations.iter().map(|d| format!("{} s", format_seconds(*d))).collect(),
+        _ => prompts.clone(),
+    };
+    let row_of = |c: &QueryScores| -> usize {
+        match exp {
+            Experiment::One => durations.iter().position(|d| *d == c.duration).unwrap_or(0),
+            _ => prompts.iter().position(|p| *p == c.prompt).unwrap_or(0),
+        }
+    };
+    let mut points = Vec::new();
+    for c in &all {
+        for t in &c.scores {
+            points.push(StripPoint {
+                row: row_of(c),
+                x: t.score,
+                colour: songs.iter().position(|s| *s == t.label).unwrap_or(0),
+                marker: seeds.iter().position(|s| *s == c.seed).unwrap_or(0),
+            });
+        }
+    }
+    let n = exp.number();
+    let plot = StripPlot {
+        title: format!("Experiment {n}: attribution scores (λ = {lambda})"),
+        x_label: "score".into(),
+        y_label: if exp == Experiment::One { "duration".into() } else { "generated sample".into() },
+        rows: row_labels,
+        colours: songs,
+        markers: seeds.iter().map(|s| format!("seed {s}")).collect(),
+        points,
+    };
+    let svg = out_dir.join(format!("experiment_{n}.svg"));
+    let png = out_dir.join(format!("experiment_{n}.png"));
+    render(&plot, &svg, &png)?;
+    Ok(ExperimentResults { scores: all, tables, files: ResultFiles { csv, json, svg, png } })
+}

@@ -1,0 +1,142 @@
+//! Runs an experiment grid: for every (prompt, seed, duration) generate the audio, embed
+//! its gradient, and keep both; then write the aggregate embedding file.
+//!
+//! Layout of `<name>_<unix time>/`: `config_<name>.yml` (the config as given), per case
+//! `<case>.wav` and `<case>.bin`, and `output_<name>.bin` with every case in config order.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::config::{Case, ExperimentConfig};
+use crate::attribution::{embed, Example, GenerationObjective, ProjectorSpec};
+use crate::audio::{normalize_loudness, write_wav};
+use crate::cli::single_file;
+use crate::musicgen::MusicGen;
+use crate::store::EmbeddingFile;
+
+/// The file names of a run.
+pub struct RunLayout {
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl RunLayout {
+    pub fn config_copy(&self) -> PathBuf {
+        self.dir.join(format!("config_{}.yml", self.name))
+    }
+    pub fn aggregate(&self) -> PathBuf {
+        self.dir.join(format!("output_{}.bin", self.name))
+    }
+    pub fn case_embedding(&self, case: &Case) -> PathBuf {
+        self.dir.join(format!("{}.bin", case.name))
+    }
+    pub fn case_audio(&self, case: &Case) -> PathBuf {
+        self.dir.join(format!("{}.wav", case.name))
+    }
+}
+
+/// Prepares the output folder: a new `<name>_<unix time>` under `parent`, or the folder
+/// of an interrupted run (which must hold the same config).
+pub fn prepare_dir(cfg: &ExperimentConfig, text: &str, parent: &Path, resume_from: Option<&Path>) -> Result<RunLayout> {
+    let name = cfg.experiment.name.clone();
+    let layout = match resume_from {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("{}: --resume-from expects the folder of an earlier run", dir.display());
+            }
+            let layout = RunLayout { dir: dir.to_path_buf(), name };
+            let copy = layout.config_copy();
+            let old = std::fs::read_to_string(&copy).with_context(|| {
+                format!("{}: not found; is {} a run of this experiment?", copy.display(), dir.display())
+            })?;
+            let old_cfg: ExperimentConfig =
+                serde_yaml::from_str(&old).with_context(|| format!("{}: unreadable config copy", copy.display()))?;
+            if old_cfg != *cfg {
+                bail!("{}: that run used a different config; resume it with the same config", copy.display());
+            }
+            layout
+        }
+        None => {
+            let stamp =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let mut dir = parent.join(format!("{name}_{stamp}"));
+            let mut n = 1;
+            while dir.exists() {
+                dir = parent.join(format!("{name}_{stamp}_{n}"));
+                n += 1;
+            }
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
+            let layout = RunLayout { dir, name };
+            crate::io::write_atomic(&layout.config_copy(), text.as_bytes())?;
+            layout
+        }
+    };
+    Ok(layout)
+}
+
+/// Whether `case` is finished in `layout` with these settings.
+pub fn case_done(layout: &RunLayout, case: &Case, spec: &ProjectorSpec, fingerprint: &str) -> bool {
+    match EmbeddingFile::read(&layout.case_embedding(case)) {
+        Ok(f) => {
+            f.rows() == 1
+                && f.header.projector == *spec
+                && f.header.model.fingerprint == fingerprint
+                && f.header.records[0].prompt == case.prompt
+                && f.header.records[0].seed == case.seed
+                && f.header.records[0].duration == case.duration
+                && layout.case_audio(case).exists()
+        }
+        Err(_) => false,
+    }
+}
+
+/// Generates, embeds and saves one case (audio first; the embedding marks completion).
+pub fn run_case(
+    model: &MusicGen,
+    objective: &GenerationObjective,
+    spec: &ProjectorSpec,
+    layout: &RunLayout,
+    case: &Case,
+) -> Result<()> {
+    let example = Example {
+        name: case.name.clone(),
+        prompt: case.prompt.clone(),
+        duration: case.duration,
+        seed: case.seed,
+        source: None,
+    };
+    let (embedding, prepared, _) = embed(model, objective, spec, &example, None)?;
+    let mut channels: Vec<Vec<f32>> = model.decode(&prepared.generation.frames)?.to_vec2()?;
+    let sr = model.cfg.sample_rate() as u32;
+    normalize_loudness(&mut channels, sr)?;
+    write_wav(&layout.case_audio(case), &channels, sr)?;
+    single_file(model, objective, spec, vec![(example, embedding)])?.write(&layout.case_embedding(case))
+}
+
+/// Joins the case files, in config order, into the aggregate file.
+pub fn write_aggregate(
+    model: &MusicGen,
+    objective: &GenerationObjective,
+    spec: &ProjectorSpec,
+    layout: &RunLayout,
+    cases: &[Case],
+) -> Result<PathBuf> {
+    let mut rows = Vec::with_capacity(cases.len());
+    for case in cases {
+        let f = EmbeddingFile::read(&layout.case_embedding(case))?;
+        let r = &f.header.records[0];
+        let ex = Example {
+            name: r.name.clone(),
+            prompt: r.prompt.clone(),
+            duration: r.duration,
+            seed: r.seed,
+            source: None,
+        };
+        rows.push((ex, f.data));
+    }
+    let path = layout.aggregate();
+    single_file(model, objective, spec, rows)?.write(&path)?;
+    Ok(path)
+}
