@@ -21,6 +21,9 @@ pub struct Bench {
     /// What to measure: generation, gradients, projection, or all.
     #[arg(long, default_value = "all")]
     pub section: String,
+    /// Training rows of the scoring benchmark (m = 100 queries, k = 8192).
+    #[arg(long, default_value_t = 100_000)]
+    pub score_rows: usize,
     /// Seconds of audio per gradient example.
     #[arg(long, default_value_t = 2.0)]
     pub grad_seconds: f64,
@@ -82,7 +85,7 @@ fn bench_generation(model: &MusicGen, seconds: f64, bandwidth: f64) -> Result<se
 
 impl Bench {
     pub fn run(&self) -> Result<()> {
-        let sections = ["generation", "gradients", "projection", "dataset", "all"];
+        let sections = ["generation", "gradients", "projection", "dataset", "scoring", "all"];
         if !sections.contains(&self.section.as_str()) {
             anyhow::bail!("--section takes one of {sections:?}, got `{}`", self.section);
         }
@@ -115,6 +118,7 @@ impl Bench {
         }
         let projection = if section("projection") { Some(bench_projection(bandwidth)?) } else { None };
         let dataset = if section("dataset") && want("tiny") { Some(bench_dataset()?) } else { None };
+        let scoring = if section("scoring") { Some(bench_scoring(self.score_rows)?) } else { None };
         let out = serde_json::json!({
             "memcpy_bandwidth_gb_per_s": bandwidth / 1e9,
             "threads": candle_core::utils::get_num_threads(),
@@ -122,6 +126,7 @@ impl Bench {
             "gradients": grads,
             "projection": projection,
             "dataset": dataset,
+            "scoring": scoring,
         });
         if self.json {
             println!("{}", serde_json::to_string_pretty(&out)?);
@@ -134,6 +139,20 @@ impl Bench {
             print_gradients(&grads);
             if let Some(p) = &projection {
                 print_projection(p);
+            }
+            if let Some(sc) = &scoring {
+                println!("\nscoring, m = {} queries, k = {} (random data):", sc["m"], sc["k"]);
+                for key in ["spintrak", "spintrak_small", "naive_small"] {
+                    let r = &sc[key];
+                    println!(
+                        "  {:<16} n = {:>7}: {:>8.2} s, peak RSS {:>7.0} MB ({})",
+                        key,
+                        r["n"],
+                        r["seconds"].as_f64().unwrap_or(0.0),
+                        r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+                        r["method"].as_str().unwrap_or("")
+                    );
+                }
             }
             if let Some(d) = &dataset {
                 println!(
@@ -338,5 +357,65 @@ fn bench_dataset() -> Result<serde_json::Value> {
     let _ = std::fs::remove_dir_all(&tmp);
     out.insert("examples".into(), n.into());
     out.insert("seconds_each".into(), seconds.into());
+    Ok(serde_json::Value::Object(out))
+}
+
+/// Scoring time and peak memory for n training rows, next to a naive dense baseline
+/// (explicit inverse of ΦᵀΦ + λI, everything in memory in f64) on a smaller n.
+fn bench_scoring(n: usize) -> Result<serde_json::Value> {
+    use crate::attribution::score::scores;
+    use faer::linalg::matmul::matmul;
+    use faer::linalg::solvers::Solve;
+    use faer::{Accum, Mat, Par, Side};
+    use rayon::prelude::*;
+    let (m, k, lambda) = (100usize, 8192usize, 1.0);
+    let random = |rows: usize, seed: u64| -> Vec<f32> {
+        let mut v = vec![0f32; rows * k];
+        v.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = crate::rng::normal(seed, r as u64, j as u64) as f32;
+            }
+        });
+        v
+    };
+    let g = random(m, 1);
+    let mut out = serde_json::Map::new();
+    out.insert("m".into(), m.into());
+    out.insert("k".into(), k.into());
+    let small = 2000.min(n);
+    for (key, rows) in [("spintrak", n), ("spintrak_small", small)] {
+        let phi = random(rows, 2);
+        reset_peak_rss();
+        let start = Instant::now();
+        let (s, method) = scores(&g, m, &phi, rows, k, lambda)?;
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(&s);
+        out.insert(
+            key.into(),
+            serde_json::json!({"n": rows, "seconds": secs, "peak_rss_bytes": peak_rss(), "method": format!("{method:?}")}),
+        );
+    }
+    // Naive: Φ and G in f64, M = ΦᵀΦ + λI, M⁻¹ explicitly, S = G M⁻¹ Φᵀ.
+    let phi = random(small, 2);
+    reset_peak_rss();
+    let start = Instant::now();
+    let phi64 = Mat::from_fn(small, k, |i, j| phi[i * k + j] as f64);
+    let g64 = Mat::from_fn(m, k, |i, j| g[i * k + j] as f64);
+    let mut gram = Mat::<f64>::zeros(k, k);
+    matmul(gram.as_mut(), Accum::Replace, phi64.transpose(), phi64.as_ref(), 1.0, Par::rayon(0));
+    for i in 0..k {
+        gram[(i, i)] += lambda;
+    }
+    let mut inv = Mat::<f64>::identity(k, k);
+    gram.llt(Side::Lower).map_err(|_| anyhow::anyhow!("not positive definite"))?.solve_in_place(inv.as_mut());
+    let mut gi = Mat::<f64>::zeros(m, k);
+    matmul(gi.as_mut(), Accum::Replace, g64.as_ref(), inv.as_ref(), 1.0, Par::rayon(0));
+    let mut s = Mat::<f64>::zeros(m, small);
+    matmul(s.as_mut(), Accum::Replace, gi.as_ref(), phi64.transpose(), 1.0, Par::rayon(0));
+    std::hint::black_box(&s);
+    out.insert(
+        "naive_small".into(),
+        serde_json::json!({"n": small, "seconds": start.elapsed().as_secs_f64(), "peak_rss_bytes": peak_rss(), "method": "explicit inverse"}),
+    );
     Ok(serde_json::Value::Object(out))
 }

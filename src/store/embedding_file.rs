@@ -136,8 +136,16 @@ impl EmbeddingFile {
 
     /// Reads and validates a file written by spintrak.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        Self::from_bytes(&bytes).with_context(|| format!("{}", path.display()))
+        let file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        if file.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+            bail!("{}: the file is empty; not an embedding file", path.display());
+        }
+        // Mapped, not read: a large training file is paged in once, not copied twice.
+        // SAFETY: the map is read-only and dropped before this function returns. spintrak
+        // replaces files by rename, never truncating them in place, so its own writers
+        // cannot shrink a file under the map.
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+        Self::from_bytes(&map).with_context(|| format!("{}", path.display()))
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
