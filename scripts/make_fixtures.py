@@ -262,7 +262,9 @@ def save_hf(model, tokenizer, folder, legacy_names):
     if legacy_names:
         sd = legacy_weight_norm_names(sd)
     sd = collections.OrderedDict(sorted(sd.items()))
-    save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={**meta, "format": "pt"})
+    # a single metadata entry: safetensors writes a multi-entry metadata map in random order
+    assert set(meta) <= {"format"}, meta
+    save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={"format": "pt"})
     tokenizer.save(str(folder / "tokenizer.json"))
     return list(sd.keys())
 
@@ -432,7 +434,7 @@ def references(model, tokenizer, seed):
     )
     info = dict(
         K=K, delays=delays, max_delay=D, S=S_TEACHER, F_teacher=f_teacher, n_q_codec=n_q,
-        prompt_ids=ids, f_lm=float(f_lm), f_codec=float(f_codec), greedy_max_new_tokens=max_new,
+        prompt_ids=ids, f_lm=float(f_lm.detach()), f_codec=float(f_codec.detach()), greedy_max_new_tokens=max_new,
         greedy_min_margin=min(margins), audio_samples=int(audio.shape[-1]),
         greedy_audio_samples=int(greedy_audio.shape[-1]),
     )
@@ -454,7 +456,7 @@ def write_reference(folder, model, tensors, grad_lm, grad_codec, info, key_namin
     for k, v in out.items():
         if v.is_floating_point():
             out[k] = v.to(torch.float32)
-    save_file(out, folder / "reference.safetensors", metadata={"format": "pt", "about": HEADER})
+    save_file(out, folder / "reference.safetensors", metadata={"format": "pt"})
 
     cfg = model.config
     K = info["K"]
@@ -552,7 +554,7 @@ def write_reference(folder, model, tensors, grad_lm, grad_codec, info, key_namin
 
 
 COMMON_NOTES = [
-    "transformers " + transformers.__version__ + ", torch " + torch.__version__.split("+")[0] + "; float32, eval, dropout 0",
+    "float32, eval mode, dropout 0, batch 1, attention mask of ones for the prompt",
     "decoder: pre-LayerNorm (eps 1e-5, with bias) before self-attn, cross-attn and FFN; final decoder.model.decoder.layer_norm; "
     "no biases in q/k/v/out projections, fc1, fc2 or lm_heads; attention scale head_dim**-0.5; activation 'gelu' = exact erf GELU; "
     "input = sum_k embed_tokens[k](ids[k]) (tables of card+1 rows; row card = special token) + sinusoidal position; scale_embedding false",
@@ -641,8 +643,10 @@ def hf_to_audiocraft_lm(sd, hidden):
     return out, mapping
 
 
-def hf_to_audiocraft_codec(sd):
-    """Reverse of transformers' convert_encodec_checkpoint_to_pytorch.py (layer indices are identical)."""
+def hf_to_audiocraft_codec(sd, convtr_prefixes):
+    """Reverse of transformers' convert_encodec_checkpoint_to_pytorch.py (layer indices are identical).
+
+    convtr_prefixes: HF module paths (`audio_encoder.decoder.layers.<i>`) of the transposed convolutions."""
     out = collections.OrderedDict()
     mapping = {}
     for k, v in sd.items():
@@ -658,7 +662,7 @@ def hf_to_audiocraft_codec(sd):
             elif rest[0] == "conv":
                 tail = ".".join(rest[1:])
                 # decoder ConvTranspose1d layers are `convtr.convtr`
-                is_tr = parts[0] == "decoder" and v.dim() == 3 and _is_convtr(sd, "audio_encoder." + ".".join(parts[:3]))
+                is_tr = "audio_encoder." + ".".join(parts[:3]) in convtr_prefixes
                 ak = base + (".convtr.convtr." if is_tr else ".conv.conv.") + tail
             elif rest[0] == "block":
                 ak = f"{base}.block.{rest[1]}.conv.conv." + ".".join(rest[3:])
@@ -676,13 +680,6 @@ def hf_to_audiocraft_codec(sd):
         out[ak] = v.detach().clone().contiguous()
         mapping["audio_encoder." + k] = ak
     return out, mapping
-
-
-_CONVTR = set()
-
-
-def _is_convtr(sd, prefix):
-    return prefix in _CONVTR
 
 
 def audiocraft_lm_cfg(model):
@@ -801,9 +798,8 @@ def write_hub_repo(hub, repo, files):
     return h
 
 
-def save_state_dict_file(path, sd, metadata=None):
-    save_file(collections.OrderedDict((k, v.contiguous()) for k, v in sd.items()), path,
-              metadata={"format": "pt", **(metadata or {})})
+def save_state_dict_file(path, sd):
+    save_file(collections.OrderedDict((k, v.contiguous()) for k, v in sd.items()), path, metadata={"format": "pt"})
 
 
 def write_audiocraft(model, tokenizer, folder, hf_keys):
@@ -877,10 +873,13 @@ def write_audiocraft(model, tokenizer, folder, hf_keys):
     full = folder / "audiocraft_full"
     full.mkdir()
     shutil.copyfile(folder / "state_dict.bin", full / "state_dict.bin")
-    for name, m in model.audio_encoder.decoder.layers.named_children():
-        if isinstance(m, transformers.models.encodec.modeling_encodec.EncodecConvTranspose1d):
-            _CONVTR.add(f"audio_encoder.decoder.layers.{name}")
-    codec_sd, codec_map = hf_to_audiocraft_codec(sd)
+    convtr = {
+        f"audio_encoder.decoder.layers.{name}"
+        for name, m in model.audio_encoder.decoder.layers.named_children()
+        if isinstance(m, transformers.models.encodec.modeling_encodec.EncodecConvTranspose1d)
+    }
+    assert len(convtr) == len(model.config.audio_encoder.upsampling_ratios)
+    codec_sd, codec_map = hf_to_audiocraft_codec(sd, convtr)
     torch.save({"best_state": codec_sd, "xp.cfg": to_yaml(audiocraft_codec_cfg(model)), "version": "1.0",
                 "exported": True}, full / "compressed_state_dict.bin")
 
@@ -896,8 +895,8 @@ def write_audiocraft(model, tokenizer, folder, hf_keys):
         "(the dict audiocraft.utils.export.export_pretrained_compression_model writes)"
     )
     notes["hub"] = collections.OrderedDict(
-        layout="set HF_HUB_CACHE to this folder (or HF_HOME to its parent... named hub); snapshot files are plain "
-               "files (no blobs/ symlinks); refs/main holds the snapshot hash without newline",
+        layout="set HF_HUB_CACHE to this hub/ folder (or HF_HOME to audiocraft_mono/); snapshot files are plain "
+               "files (no blobs/ symlinks); refs/main holds the snapshot hash without a newline",
         encodec_snapshot=f"models--facebook--encodec_32khz/snapshots/{enc_hash}",
         encodec_files="config.json (EncodecConfig), model.safetensors (EncodecModel state dict, keys without the "
                       "`audio_encoder.` prefix, weight norm as legacy weight_g/weight_v)",

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::pickle::{Object, Stack};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Runs a parser that might panic on hostile or corrupt input, turning a panic into an
 /// error that names the file.
@@ -39,44 +39,135 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     })
 }
 
+type Zip = zip::ZipArchive<BufReader<std::fs::File>>;
+
+/// Opens a PyTorch zip checkpoint. The archive is read from offset 0 first: the zip
+/// crate's offset detection misreads some valid archives written by `torch.save`.
+fn open_zip(path: &Path) -> Result<Zip> {
+    let open = || std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()));
+    let known = zip::read::Config { archive_offset: zip::read::ArchiveOffset::Known(0) };
+    match zip::ZipArchive::with_config(known, BufReader::new(open()?)) {
+        Ok(z) => Ok(z),
+        Err(_) => zip::ZipArchive::new(BufReader::new(open()?)).map_err(|e| {
+            anyhow!(
+                "{}: not a PyTorch zip checkpoint ({e}); it may be truncated, or saved with the legacy non-zip format (re-save it with torch.save)",
+                path.display()
+            )
+        }),
+    }
+}
+
+/// The root object of `data.pkl` and the archive folder it sits in.
+fn pickle_root(path: &Path, zip: &mut Zip) -> Result<(Object, String)> {
+    let names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.to_string())).collect();
+    let pkl = names
+        .iter()
+        .find(|n| n.ends_with("data.pkl"))
+        .ok_or_else(|| anyhow!("{}: no data.pkl inside; not a PyTorch checkpoint", path.display()))?;
+    let dir = pkl.trim_end_matches(".pkl").to_string();
+    let reader = zip.by_name(pkl).with_context(|| format!("{}: cannot read {pkl}", path.display()))?;
+    let mut reader = BufReader::new(reader);
+    let mut stack = Stack::empty();
+    stack
+        .read_loop(&mut reader)
+        .map_err(|e| anyhow!("{}: the pickle is corrupt or truncated ({e})", path.display()))?;
+    let root = stack.finalize().map_err(|e| anyhow!("{}: the pickle is incomplete ({e})", path.display()))?;
+    Ok((root, dir))
+}
+
 /// The root object of a PyTorch zip pickle (`data.pkl`), as data.
 pub fn read_pickle_root(path: &Path) -> Result<Object> {
     ensure_readable(path)?;
     guarded(path, "PyTorch checkpoint", || {
-        let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        let mut zip = zip_archive(path, file)?;
-        let names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.to_string())).collect();
-        let pkl = names
-            .iter()
-            .find(|n| n.ends_with("data.pkl"))
-            .ok_or_else(|| anyhow!("{}: no data.pkl inside; not a PyTorch checkpoint", path.display()))?;
-        let reader = zip.by_name(pkl).with_context(|| format!("{}: cannot read {pkl}", path.display()))?;
-        let mut reader = BufReader::new(reader);
-        let mut stack = Stack::empty();
-        stack
-            .read_loop(&mut reader)
-            .map_err(|e| anyhow!("{}: the pickle is corrupt or truncated ({e})", path.display()))?;
-        stack.finalize().map_err(|e| anyhow!("{}: the pickle is incomplete ({e})", path.display()))
-    })
-}
-
-fn zip_archive(path: &Path, file: std::fs::File) -> Result<zip::ZipArchive<BufReader<std::fs::File>>> {
-    zip::ZipArchive::new(BufReader::new(file)).map_err(|e| {
-        anyhow!(
-            "{}: not a PyTorch zip checkpoint ({e}); it may be truncated, or saved with the legacy non-zip format (re-save it with torch.save)",
-            path.display()
-        )
+        let mut zip = open_zip(path)?;
+        Ok(pickle_root(path, &mut zip)?.0)
     })
 }
 
 /// The tensors of a PyTorch checkpoint, optionally under a top-level key (`best_state`).
+/// Storage views (a tensor starting inside a shared storage) are honoured.
 pub fn read_pickle_tensors(path: &Path, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
     ensure_readable(path)?;
     guarded(path, "PyTorch checkpoint", || {
-        let tensors = candle_core::pickle::read_all_with_key(path, key)
-            .map_err(|e| anyhow!("{}: cannot read tensors ({e})", path.display()))?;
-        Ok(tensors.into_iter().collect())
+        let mut zip = open_zip(path)?;
+        let (root, dir) = pickle_root(path, &mut zip)?;
+        let obj = match key {
+            Some(k) => match root {
+                Object::Dict(items) => items
+                    .into_iter()
+                    .find(|(name, _)| *name == Object::Unicode(k.to_string()))
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| anyhow!("{}: no `{k}` entry", path.display()))?,
+                _ => bail!("{}: the checkpoint is not a dict", path.display()),
+            },
+            None => root,
+        };
+        let Object::Dict(items) = obj else { bail!("{}: the state is not a dict of tensors", path.display()) };
+        let mut out = HashMap::new();
+        for (name, value) in items {
+            let Some(info) = value
+                .into_tensor_info(name, Path::new(&dir))
+                .map_err(|e| anyhow!("{}: unreadable tensor entry ({e})", path.display()))?
+            else {
+                continue;
+            };
+            if let Some(t) = read_storage(path, &mut zip, &info)? {
+                out.insert(info.name.clone(), t);
+            }
+        }
+        Ok(out)
     })
+}
+
+fn read_storage(path: &Path, zip: &mut Zip, info: &candle_core::pickle::TensorInfo) -> Result<Option<Tensor>> {
+    use std::io::Read;
+    let layout = &info.layout;
+    let fortran = layout.is_fortran_contiguous();
+    if !layout.is_contiguous() && !fortran {
+        bail!("{}: tensor `{}` is stored non-contiguously; re-save it contiguous", path.display(), info.name);
+    }
+    let mut reader = zip
+        .by_name(&info.path)
+        .map_err(|e| anyhow!("{}: tensor `{}`: storage {} missing ({e})", path.display(), info.name, info.path))?;
+    let skip = (layout.start_offset() * info.dtype.size_in_bytes()) as u64;
+    std::io::copy(&mut reader.by_ref().take(skip), &mut std::io::sink())?;
+    let shape = layout.shape().clone();
+    let n = shape.elem_count();
+    let mut bytes = vec![0u8; n * info.dtype.size_in_bytes()];
+    reader
+        .read_exact(&mut bytes)
+        .map_err(|e| anyhow!("{}: tensor `{}` is truncated ({e})", path.display(), info.name))?;
+    let t = match info.dtype {
+        DType::F32 => Tensor::from_vec(
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            shape,
+            &Device::Cpu,
+        )?,
+        DType::F64 => Tensor::from_vec(
+            bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect::<Vec<f64>>(),
+            shape,
+            &Device::Cpu,
+        )?,
+        DType::F16 => Tensor::from_vec(
+            bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect::<Vec<f32>>(),
+            shape,
+            &Device::Cpu,
+        )?,
+        DType::BF16 => Tensor::from_vec(
+            bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect::<Vec<f32>>(),
+            shape,
+            &Device::Cpu,
+        )?,
+        // Integer and boolean buffers (e.g. EnCodec's `inited`) are not used.
+        _ => return Ok(None),
+    };
+    let rank = layout.shape().rank();
+    if rank > 1 && fortran && !layout.is_contiguous() {
+        let rev: Vec<usize> = layout.dims().iter().rev().copied().collect();
+        let perm: Vec<usize> = (0..rank).rev().collect();
+        return Ok(Some(t.reshape(rev)?.permute(perm)?.contiguous()?));
+    }
+    Ok(Some(t))
 }
 
 /// Entries of a pickled dict keyed by strings.

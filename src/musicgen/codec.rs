@@ -355,3 +355,110 @@ impl Codec {
         Ok(Tensor::cat(&chans, 0)?)
     }
 }
+
+/// The SEANet encoder: waveform `[B, C, L]` to latent `[B, D, T]` (used to encode
+/// training audio; not part of any gradient).
+pub struct CodecEncoder {
+    layers: Vec<DecoderLayer>,
+}
+
+impl CodecEncoder {
+    /// `vb` points at `encoder`; indices mirror EnCodec's module list.
+    pub fn new(cfg: &CodecConfig, vb: Vb) -> Result<Self> {
+        let vb = vb.pp("layers");
+        let mut layers = Vec::new();
+        layers.push(DecoderLayer::Conv(Conv::new(
+            cfg,
+            cfg.channels,
+            cfg.n_filters,
+            cfg.kernel_size,
+            1,
+            1,
+            vb.pp(0).pp("conv"),
+        )?));
+        let mut mult = 1usize;
+        for &ratio in cfg.ratios.iter().rev() {
+            let dim = mult * cfg.n_filters;
+            for j in 0..cfg.n_residual_layers {
+                let idx = layers.len();
+                let dilation = cfg.dilation_base.pow(j as u32);
+                layers.push(DecoderLayer::Res(ResBlock::new(cfg, dim, dilation, vb.pp(idx))?));
+            }
+            layers.push(DecoderLayer::Elu);
+            let idx = layers.len();
+            layers.push(DecoderLayer::Conv(Conv::new(cfg, dim, dim * 2, ratio * 2, ratio, 1, vb.pp(idx).pp("conv"))?));
+            mult *= 2;
+        }
+        let dim = mult * cfg.n_filters;
+        if cfg.lstm_layers > 0 {
+            let idx = layers.len();
+            layers.push(DecoderLayer::Lstm(Lstm::new(dim, cfg.lstm_layers, vb.pp(idx).pp("lstm"))?));
+        }
+        layers.push(DecoderLayer::Elu);
+        let idx = layers.len();
+        layers.push(DecoderLayer::Conv(Conv::new(
+            cfg,
+            dim,
+            cfg.dimension,
+            cfg.last_kernel_size,
+            1,
+            1,
+            vb.pp(idx).pp("conv"),
+        )?));
+        Ok(Self { layers })
+    }
+
+    pub fn forward(&self, wav: &Tensor) -> Result<Tensor> {
+        let mut h = wav.clone();
+        for layer in &self.layers {
+            h = match layer {
+                DecoderLayer::Conv(c) => c.forward(&h)?,
+                DecoderLayer::Lstm(l) => l.forward(&h)?,
+                DecoderLayer::Elu => h.elu(1.0)?,
+                DecoderLayer::ConvTr(c) => c.forward(&h)?,
+                DecoderLayer::Res(r) => r.forward(&h)?,
+            };
+        }
+        Ok(h)
+    }
+}
+
+impl Quantizer {
+    /// Latent `[1, D, T]` -> codes `[n_q, T]`: residual vector quantisation, each stage
+    /// picking the nearest codebook entry of what the previous stages left.
+    pub fn encode(&self, latent: &Tensor) -> Result<Tensor> {
+        let mut residual = latent.squeeze(0)?.t()?.contiguous()?; // [T, D]
+        let mut codes = Vec::with_capacity(self.codebooks.len());
+        for cb in &self.codebooks {
+            // ‖r − e‖² = ‖r‖² − 2 r·e + ‖e‖²; the ‖r‖² term does not change the argmin.
+            let dots = residual.matmul(&cb.t()?)?; // [T, card]
+            let norms = cb.sqr()?.sum_keepdim(1)?.t()?; // [1, card]
+            let dist = norms.broadcast_sub(&(dots * 2.0)?)?;
+            let idx = dist.argmin_keepdim(1)?.squeeze(1)?; // [T]
+            residual = (residual - embedding(cb, &idx)?)?;
+            codes.push(idx);
+        }
+        Ok(Tensor::stack(&codes, 0)?)
+    }
+}
+
+impl Codec {
+    /// Encodes audio `[channels, samples]` at the codec's rate into the LM's codes
+    /// `[K, T]` (stereo: each channel separately, codebooks interleaved L, R).
+    pub fn encode(&self, encoder: &CodecEncoder, audio: &Tensor, audio_channels: usize) -> Result<Tensor> {
+        let (c, _) = audio.dims2()?;
+        if c != audio_channels {
+            bail!("{c} channel(s) given, the model expects {audio_channels}");
+        }
+        let per_channel = (0..c)
+            .map(|ch| self.quantizer.encode(&encoder.forward(&audio.narrow(0, ch, 1)?.unsqueeze(0)?)?))
+            .collect::<Result<Vec<_>>>()?;
+        if c == 1 {
+            return Ok(per_channel.into_iter().next().expect("one channel"));
+        }
+        // [n_q, T] per channel -> [n_q·c, T] with rows q·c + ch.
+        let stacked = Tensor::stack(&per_channel, 1)?; // [n_q, c, T]
+        let (q, c, t) = stacked.dims3()?;
+        Ok(stacked.reshape((q * c, t))?)
+    }
+}

@@ -185,6 +185,11 @@ impl MusicgenConfig {
     }
 }
 
+/// Bits of one code: `ceil(log2(card))`.
+fn bits_per_code(card: usize) -> f64 {
+    (card.max(2) as f64).log2().ceil()
+}
+
 /// Reads a field of a JSON object as an unsigned integer.
 pub(crate) fn json_usize(v: &Value, key: &str) -> Result<usize> {
     v.get(key)
@@ -269,10 +274,12 @@ impl CodecConfig {
         let dimension = json_usize_or(v, "hidden_size", 128)?;
         let hop: usize = ratios.iter().product::<usize>().max(1);
         let frame_rate = (sample_rate as f64 / hop as f64).ceil();
-        // transformers: num_quantizers = int(1000 * target_bandwidths[-1] // (frame_rate * 10)).
+        // transformers: num_quantizers = int(1000·bw // (frame_rate · ceil(log2(codebook_size)))).
+        let card = json_usize_or(v, "codebook_size", 1024)?;
         let bandwidths = v.get("target_bandwidths").and_then(Value::as_array);
         let n_q = match bandwidths.and_then(|b| b.last()).and_then(Value::as_f64) {
-            Some(bw) => ((1000.0 * bw) / (frame_rate * 10.0)).floor() as usize,
+            // (+1e-9: a bandwidth written as n_q·rate·bits/1000 must give n_q back.)
+            Some(bw) => ((1000.0 * bw) / (frame_rate * bits_per_code(card)) + 1e-9).floor() as usize,
             None => bail!("missing `target_bandwidths` (it fixes the number of codebooks)"),
         };
         let pad_mode = match v.get("pad_mode").and_then(Value::as_str).unwrap_or("reflect") {
@@ -305,14 +312,14 @@ impl CodecConfig {
             causal: json_bool_or(v, "use_causal_conv", true)?,
             trim_right_ratio: json_f64_or(v, "trim_right_ratio", 1.0)?,
             n_q,
-            card: json_usize_or(v, "codebook_size", 1024)?,
+            card,
             codebook_dim: json_usize_or(v, "codebook_dim", dimension)?,
         })
     }
 
     pub fn to_hf_json(&self) -> Value {
         // Pick a bandwidth that gives back exactly n_q codebooks.
-        let bw = self.n_q as f64 * self.frame_rate() * 10.0 / 1000.0;
+        let bw = self.n_q as f64 * self.frame_rate() * bits_per_code(self.card) / 1000.0;
         serde_json::json!({
             "model_type": "encodec",
             "sampling_rate": self.sample_rate,

@@ -71,7 +71,7 @@ pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<MusicGen>
 // Name mapping
 
 /// transformers MusicGen LM names -> audiocraft names (q/k/v handled separately).
-fn hf_lm_name(name: &str) -> Option<String> {
+pub fn hf_lm_name(name: &str) -> Option<String> {
     if let Some(rest) = name.strip_prefix("enc_to_dec_proj.") {
         return Some(format!("condition_provider.conditioners.description.output_proj.{rest}"));
     }
