@@ -109,3 +109,152 @@ mod tests {
         assert!((peak - 1.0).abs() < 1e-4, "{peak}");
     }
 }
+
+/// Decodes an audio file (wav, mp3, flac, m4a/aac, ogg) to planar f32 channels and its
+/// sample rate.
+pub fn read_audio(path: &Path) -> Result<(Vec<Vec<f32>>, u32)> {
+    use symphonia::core::audio::SampleBuffer;
+    use symphonia::core::codecs::DecoderOptions;
+    use symphonia::core::errors::Error as SymError;
+    use symphonia::core::formats::FormatOptions;
+    use symphonia::core::io::MediaSourceStream;
+    use symphonia::core::meta::MetadataOptions;
+    use symphonia::core::probe::Hint;
+
+    let name = path.display();
+    let file = std::fs::File::open(path).with_context(|| format!("{name}: cannot open"))?;
+    if file.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+        anyhow::bail!("{name}: the audio file is empty (0 bytes)");
+    }
+    let mss = MediaSourceStream::new(Box::new(file), Default::default());
+    let mut hint = Hint::new();
+    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+        hint.with_extension(&ext.to_lowercase());
+    }
+    let probed = symphonia::default::get_probe()
+        .format(&hint, mss, &FormatOptions::default(), &MetadataOptions::default())
+        .map_err(|e| anyhow::anyhow!("{name}: not a readable audio file ({e})"))?;
+    let mut format = probed.format;
+    let track = format.default_track().ok_or_else(|| anyhow::anyhow!("{name}: no audio track"))?;
+    let track_id = track.id;
+    let rate = track.codec_params.sample_rate.ok_or_else(|| anyhow::anyhow!("{name}: unknown sample rate"))?;
+    let mut decoder = symphonia::default::get_codecs()
+        .make(&track.codec_params, &DecoderOptions::default())
+        .map_err(|e| anyhow::anyhow!("{name}: unsupported codec ({e})"))?;
+    let mut channels: Vec<Vec<f32>> = Vec::new();
+    loop {
+        let packet = match format.next_packet() {
+            Ok(p) => p,
+            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(SymError::ResetRequired) => break,
+            Err(e) => anyhow::bail!("{name}: corrupt audio ({e})"),
+        };
+        if packet.track_id() != track_id {
+            continue;
+        }
+        let decoded = match decoder.decode(&packet) {
+            Ok(d) => d,
+            Err(SymError::DecodeError(_)) => continue, // a damaged frame: skip it, as players do
+            Err(e) => anyhow::bail!("{name}: corrupt audio ({e})"),
+        };
+        let spec = *decoded.spec();
+        let n = spec.channels.count();
+        if channels.is_empty() {
+            channels = vec![Vec::new(); n];
+        }
+        let mut buf = SampleBuffer::<f32>::new(decoded.capacity() as u64, spec);
+        buf.copy_interleaved_ref(decoded);
+        for frame in buf.samples().chunks(n) {
+            for (c, &x) in frame.iter().enumerate() {
+                channels[c].push(x);
+            }
+        }
+    }
+    if channels.first().is_none_or(|c| c.is_empty()) {
+        anyhow::bail!("{name}: no audio samples decoded");
+    }
+    Ok((channels, rate))
+}
+
+/// Band-limited resampling (windowed sinc, 16 zero crossings, cut-off at the lower
+/// Nyquist frequency).
+pub fn resample(x: &[f32], from: u32, to: u32) -> Vec<f32> {
+    if from == to || x.is_empty() {
+        return x.to_vec();
+    }
+    let ratio = to as f64 / from as f64;
+    let out_len = ((x.len() as f64) * ratio).round() as usize;
+    let cutoff = ratio.min(1.0); // relative to the input's Nyquist
+    let zeros = 16.0;
+    let half_width = zeros / cutoff;
+    (0..out_len)
+        .map(|i| {
+            let center = i as f64 / ratio;
+            let lo = (center - half_width).ceil().max(0.0) as usize;
+            let hi = ((center + half_width).floor() as usize).min(x.len() - 1);
+            let mut acc = 0.0;
+            for (j, &xj) in x.iter().enumerate().take(hi + 1).skip(lo) {
+                let t = j as f64 - center;
+                let arg = t * cutoff;
+                let sinc = if arg.abs() < 1e-12 {
+                    1.0
+                } else {
+                    (std::f64::consts::PI * arg).sin() / (std::f64::consts::PI * arg)
+                };
+                let w = 0.5 + 0.5 * (std::f64::consts::PI * t / half_width).cos();
+                acc += xj as f64 * sinc * w * cutoff;
+            }
+            acc as f32
+        })
+        .collect()
+}
+
+/// Brings decoded audio to a model's format: resampled, and mixed down to mono or
+/// spread to stereo as needed.
+pub fn to_model_format(channels: Vec<Vec<f32>>, rate: u32, target_rate: u32, target_channels: usize) -> Vec<Vec<f32>> {
+    let channels: Vec<Vec<f32>> = channels.iter().map(|c| resample(c, rate, target_rate)).collect();
+    match (channels.len(), target_channels) {
+        (n, t) if n == t => channels,
+        (_, 1) => {
+            let len = channels[0].len();
+            let n = channels.len() as f32;
+            vec![(0..len).map(|i| channels.iter().map(|c| c[i]).sum::<f32>() / n).collect()]
+        }
+        (1, t) => vec![channels[0].clone(); t],
+        (_, t) => channels.into_iter().take(t).collect(),
+    }
+}
+
+#[cfg(test)]
+mod resample_tests {
+    use super::*;
+
+    #[test]
+    fn resampling_keeps_a_tone_and_its_length() {
+        let (from, to) = (8000u32, 16000u32);
+        let f = 440.0f32;
+        let x: Vec<f32> = (0..8000).map(|i| (2.0 * std::f32::consts::PI * f * i as f32 / from as f32).sin()).collect();
+        let y = resample(&x, from, to);
+        assert_eq!(y.len(), 16000);
+        // Away from the edges the output is the same sine at the new rate.
+        for i in (2000..14000).step_by(97) {
+            let want = (2.0 * std::f32::consts::PI * f * i as f32 / to as f32).sin();
+            assert!((y[i] - want).abs() < 0.01, "{i}: {} vs {want}", y[i]);
+        }
+    }
+
+    #[test]
+    fn wav_round_trip_through_the_decoder() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.wav");
+        let ch = vec![(0..800).map(|i| (i as f32 * 0.05).sin() * 0.5).collect::<Vec<f32>>(); 2];
+        write_wav(&p, &ch, 8000).unwrap();
+        let (back, rate) = read_audio(&p).unwrap();
+        assert_eq!(rate, 8000);
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].len(), 800);
+        assert!(back[0].iter().zip(&ch[0]).all(|(a, b)| (a - b).abs() < 1e-4));
+        let mono = to_model_format(back, 8000, 8000, 1);
+        assert_eq!(mono.len(), 1);
+    }
+}

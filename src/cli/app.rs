@@ -35,8 +35,10 @@ pub enum Command {
     Experiment4Results(super::experiments::ExperimentResultsArgs),
     Score(super::experiments::Score),
     Attribute(super::experiments::Attribute),
+    Finetune(super::finetune::Finetune),
     InitModel(super::init_model::InitModel),
     Bench(super::bench::Bench),
+    Demo(super::demo::Demo),
 }
 
 /// Program names of the seed document and the subcommand each stands for.
@@ -54,12 +56,26 @@ pub fn main_with(mut args: Vec<OsString>) -> ExitCode {
         .and_then(|a| std::path::Path::new(a).file_stem().map(|s| s.to_string_lossy().to_string()))
         .unwrap_or_default();
     if let Some((alias, sub)) = ALIASES.iter().find(|(a, _)| *a == prog) {
-        args[0] = OsString::from(alias);
-        args.insert(1, OsString::from(sub));
+        let _ = alias;
         args[0] = OsString::from("spintrak");
+        args.insert(1, OsString::from(sub));
     }
     let cli = Cli::parse_from(args);
-    let result = match &cli.command {
+    match run(&cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: each cause's first line (library errors may carry backtraces).
+            let msg: Vec<String> =
+                e.chain().map(|c| c.to_string().lines().next().unwrap_or_default().trim().to_string()).collect();
+            eprintln!("error: {}", msg.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one parsed command.
+pub fn run(command: &Command) -> anyhow::Result<()> {
+    match command {
         Command::GenerateAudio(c) => c.run(),
         Command::GenerateGradients(c) => c.run(),
         Command::GenerateTrainingDatasetParallel(c) => c.run(),
@@ -70,17 +86,9 @@ pub fn main_with(mut args: Vec<OsString>) -> ExitCode {
         Command::Experiment4Results(c) => c.run(Experiment::Four),
         Command::Score(c) => c.run(),
         Command::Attribute(c) => c.run(),
+        Command::Finetune(c) => c.run(),
         Command::InitModel(c) => c.run(),
         Command::Bench(c) => c.run(),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: each cause's first line (library errors may carry backtraces).
-            let msg: Vec<String> =
-                e.chain().map(|c| c.to_string().lines().next().unwrap_or_default().trim().to_string()).collect();
-            eprintln!("error: {}", msg.join(": "));
-            ExitCode::FAILURE
-        }
+        Command::Demo(c) => c.run(),
     }
 }

@@ -2,7 +2,9 @@
 
 pub mod app;
 pub mod bench;
+pub mod demo;
 pub mod experiments;
+pub mod finetune;
 pub mod generate_audio;
 pub mod generate_gradients;
 pub mod init_model;

@@ -60,6 +60,14 @@ impl ParamStore {
         store
     }
 
+    /// Every tensor, claimed or not (for saving a model whole).
+    pub fn all(&self) -> HashMap<String, Tensor> {
+        let mut out = self.claimed();
+        let inner = self.lock();
+        out.extend(inner.unclaimed.iter().map(|(n, t)| (n.clone(), t.clone())));
+        out
+    }
+
     /// Every claimed tensor (parameters and buffers) by name.
     pub fn claimed(&self) -> HashMap<String, Tensor> {
         let inner = self.lock();

@@ -200,6 +200,11 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The tokenizer.json text.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -245,6 +245,7 @@ pub fn build_tensors(seed: u64) -> Result<(MusicgenConfig, HashMap<String, Tenso
     Lm::new(&cfg.lm, lm.vb(true))?;
     let codec = ParamStore::initializing(init, "tiny EnCodec", &dev);
     Codec::new(&cfg.codec, codec.vb(true))?;
+    super::codec::CodecEncoder::new(&cfg.codec, codec.vb(true).pp("encoder"))?;
     let mut all: HashMap<String, Tensor> = HashMap::new();
     all.extend(t5.claimed().into_iter().map(|(k, v)| (format!("text_encoder.{k}"), v)));
     all.extend(codec.claimed().into_iter().map(|(k, v)| (format!("audio_encoder.{k}"), v)));
@@ -270,7 +271,18 @@ pub fn build(seed: u64, device: &Device) -> Result<MusicGen> {
 
 /// Writes the tiny model as a transformers directory.
 pub fn write(dir: &Path, seed: u64) -> Result<()> {
-    let (cfg, tensors, tok) = build_tensors(seed)?;
+    save_transformers(&build(seed, &Device::Cpu)?, dir)
+}
+
+/// Writes any loaded MusicGen as a transformers `MusicgenForConditionalGeneration`
+/// directory (config.json, generation_config.json, model.safetensors, tokenizer.json),
+/// which both spintrak and Python's transformers load. Every tensor is kept, used or not.
+pub fn save_transformers(model: &MusicGen, dir: &Path) -> Result<()> {
+    let cfg = &model.cfg;
+    let mut all: HashMap<String, Tensor> = HashMap::new();
+    all.extend(model.t5_params.all().into_iter().map(|(k, v)| (format!("text_encoder.{k}"), v)));
+    all.extend(model.codec_params.all().into_iter().map(|(k, v)| (format!("audio_encoder.{k}"), v)));
+    all.extend(lm_to_transformers(model.lm_params.all(), cfg.lm.dim)?);
     let (config, generation) = cfg.to_hf_json();
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
     crate::io::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
@@ -278,9 +290,8 @@ pub fn write(dir: &Path, seed: u64) -> Result<()> {
         &dir.join("generation_config.json"),
         serde_json::to_string_pretty(&generation)?.as_bytes(),
     )?;
-    crate::io::write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
-    let bytes = safetensors_bytes(&tensors)?;
-    crate::io::write_atomic(&dir.join("model.safetensors"), &bytes)?;
+    crate::io::write_atomic(&dir.join("tokenizer.json"), model.tokenizer.to_json()?.as_bytes())?;
+    crate::io::write_atomic(&dir.join("model.safetensors"), &safetensors_bytes(&all)?)?;
     Ok(())
 }
 

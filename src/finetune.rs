@@ -1,0 +1,135 @@
+//! Fine-tuning a MusicGen's LM on audio with descriptions, as MusicGen trains: EnCodec
+//! codes of the audio laid out in the delay pattern, teacher-forced cross-entropy per
+//! codebook over the pattern's valid positions (averaged over codebooks), the text
+//! condition dropped now and then (so guidance keeps working), AdamW.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, D};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use indicatif::ProgressBar;
+
+use crate::audio::{read_audio, to_model_format};
+use crate::dataset::walk;
+use crate::musicgen::codec::CodecEncoder;
+use crate::musicgen::lm::Lm;
+use crate::musicgen::MusicGen;
+use crate::rng;
+
+/// Training settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinetuneOptions {
+    pub steps: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Longest training segment in seconds (default: the model's window).
+    pub segment: Option<f64>,
+    /// Probability of replacing the description by the null condition.
+    pub cond_dropout: f64,
+}
+
+/// One encoded training example.
+pub struct EncodedExample {
+    pub name: String,
+    pub t5: Tensor,
+    /// `[K][T]` codes.
+    pub codes: Vec<Vec<u32>>,
+}
+
+/// Reads, converts and EnCodec-encodes every example of a dataset folder.
+pub fn encode_dataset(model: &MusicGen, input: &std::path::Path) -> Result<Vec<EncodedExample>> {
+    let ds = walk(input)?;
+    if ds.examples.is_empty() {
+        bail!("{}: no training examples (audio files with a same-stem .json description)", input.display());
+    }
+    let encoder = CodecEncoder::new(&model.cfg.codec, model.codec_params.vb(true).pp("encoder"))
+        .with_context(|| "the checkpoint has no EnCodec encoder weights, which fine-tuning needs")?;
+    let mut out = Vec::with_capacity(ds.examples.len());
+    for ex in &ds.examples {
+        let (description, _) = ex.read_description(None)?;
+        let (channels, rate) = read_audio(&ex.audio)?;
+        let channels = to_model_format(channels, rate, model.cfg.sample_rate() as u32, model.cfg.audio_channels);
+        let len = channels[0].len();
+        let audio = Tensor::from_vec(channels.concat(), (model.cfg.audio_channels, len), &Device::Cpu)?;
+        let codes = model.codec.encode(&encoder, &audio, model.cfg.audio_channels)?;
+        let codes: Vec<Vec<u32>> = codes.to_vec2()?;
+        if codes[0].len() < 2 {
+            bail!("{}: too short to train on", ex.rel_path);
+        }
+        out.push(EncodedExample { name: ex.rel_path.clone(), t5: model.encode_text(&description)?, codes });
+    }
+    Ok(out)
+}
+
+/// Mean per-codebook cross-entropy of `frames` under the LM, over the delay pattern's
+/// valid positions; `conditioned` picks the text or the null condition.
+pub fn nll(model: &MusicGen, lm: &Lm, t5: &Tensor, frames: &[Vec<u32>], conditioned: bool) -> Result<Tensor> {
+    let pattern = model.pattern();
+    let (k, t) = (frames.len(), frames[0].len());
+    let steps = pattern.build(frames);
+    let s = steps[0].len();
+    let input: Vec<u32> = steps.iter().flat_map(|r| r[..s - 1].iter().copied()).collect();
+    // Targets at the pattern's special positions are masked out; 0 keeps gather in range.
+    let card = model.cfg.lm.card as u32;
+    let target: Vec<u32> =
+        steps.iter().flat_map(|r| r[1..].iter().map(move |&x| if x >= card { 0 } else { x })).collect();
+    let mask: Vec<f32> = (0..k)
+        .flat_map(|q| (1..s).map(move |p| (q, p)))
+        .map(|(q, p)| if pattern.frame_at(q, p, t).is_some() { 1.0 } else { 0.0 })
+        .collect();
+    let dev = &model.device;
+    let input = Tensor::from_vec(input, (1, k, s - 1), dev)?;
+    let target = Tensor::from_vec(target, (k, s - 1, 1), dev)?;
+    let mask = Tensor::from_vec(mask, (k, s - 1), dev)?.to_dtype(lm_dtype(model))?;
+    let states = lm.project_condition(t5)?;
+    let cond = lm.conditioning(&states, usize::from(conditioned))?;
+    let logits = lm.forward(&input, &cond, None)?.squeeze(0)?; // [K, S-1, card]
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = logp.gather(&target, D::Minus1)?.squeeze(D::Minus1)?; // [K, S-1]
+    let per_codebook = ((picked * &mask)?.sum(1)? / mask.sum(1)?)?;
+    Ok(per_codebook.mean_all()?.neg()?)
+}
+
+fn lm_dtype(model: &MusicGen) -> candle_core::DType {
+    model.lm_params.dtype()
+}
+
+/// Trains the LM in place; returns the loss of every step.
+pub fn finetune(
+    model: &MusicGen,
+    data: &[EncodedExample],
+    opts: &FinetuneOptions,
+    pb: &ProgressBar,
+) -> Result<Vec<f64>> {
+    if data.is_empty() {
+        bail!("nothing to train on");
+    }
+    let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
+    let vars: Vec<candle_core::Var> = model.lm_params.params().into_iter().map(|(_, v)| v).collect();
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW { lr: opts.lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: opts.weight_decay },
+    )?;
+    let window = model.frames_for(model.cfg.generation.window_seconds).max(2);
+    let segment = opts.segment.map_or(window, |s| model.frames_for(s).clamp(2, window));
+    pb.set_length(opts.steps as u64);
+    let mut losses = Vec::with_capacity(opts.steps);
+    for step in 0..opts.steps {
+        let ex = &data[step % data.len()];
+        let t = ex.codes[0].len();
+        let len = segment.min(t);
+        let offset = ((rng::uniform(opts.seed, &[step as u64, 1]) * (t - len + 1) as f64) as usize).min(t - len);
+        let frames: Vec<Vec<u32>> = ex.codes.iter().map(|r| r[offset..offset + len].to_vec()).collect();
+        let conditioned = rng::uniform(opts.seed, &[step as u64, 2]) >= opts.cond_dropout;
+        let loss = nll(model, &lm, &ex.t5, &frames, conditioned)?;
+        opt.backward_step(&loss)?;
+        let l = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if !l.is_finite() {
+            bail!("the loss diverged at step {step}; lower --lr");
+        }
+        losses.push(l);
+        pb.set_message(format!("loss {l:.3}"));
+        pb.inc(1);
+    }
+    Ok(losses)
+}
