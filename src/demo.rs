@@ -9,6 +9,7 @@ pub const ROCK_DESCRIPTION: &str = "Moody alternative rock ballad with spacious 
 pub const SALSA_DESCRIPTION: &str =
     "Lively salsa groove with bright horns, piano montuno, congas and timbales, rolling bass, and punchy breaks. No vocals.";
 
+#[allow(clippy::too_many_arguments)] // a synthesiser voice: every argument is a musical parameter
 fn add_tone(
     out: &mut [f32],
     sr: f32,
