@@ -22,7 +22,9 @@ fn attribution_separates_the_two_songs_for_every_seed() {
     assert_eq!(cases.len(), 10, "two prompts × five seeds");
     for case in cases {
         let score = |song: &str| {
-            case["scores"].as_array().unwrap().iter().find(|s| s["training"] == song).unwrap()["score"].as_f64().unwrap()
+            case["scores"].as_array().unwrap().iter().find(|s| s["training"] == song).unwrap()["score"]
+                .as_f64()
+                .unwrap()
         };
         let (rock, salsa) = (score("rock_ballad.wav"), score("salsa_groove.wav"));
         let prompt = case["prompt"].as_str().unwrap();
