@@ -23,6 +23,19 @@ pub struct Example {
     pub source: Option<String>,
 }
 
+impl Example {
+    /// The example a stored row describes.
+    pub fn from_record(r: &crate::store::Record) -> Self {
+        Self {
+            name: r.name.clone(),
+            prompt: r.prompt.clone(),
+            duration: r.duration,
+            seed: r.seed,
+            source: r.source.clone(),
+        }
+    }
+}
+
 /// What an objective computed before differentiating: the codes and the text states.
 pub struct Prepared {
     pub generation: Generation,

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use super::{
-    check_output_dir, parse_duration, progress_bar, progress_bar_examples, ModelArgs, ProjectionArgs, SamplingArgs,
+    check_output_dir, progress_bar, progress_bar_examples, ExampleArgs, ModelArgs, ProjectionArgs, SamplingArgs,
 };
 use crate::attribution::score::{scores, top_influences};
 use crate::attribution::{embed, Example, GenerationObjective, ProjectorSpec};
@@ -29,15 +29,9 @@ pub struct ExperimentRunner {
     /// Experiment config (YAML: experiment {name, models, gpu_id}, input {prompts, seeds, durations}).
     #[arg(long)]
     pub config: PathBuf,
-    /// Use this model instead of the config's `experiment.models` (e.g. `builtin:tiny`).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// See `generate-audio --help`.
-    #[arg(long)]
-    pub encodec: Option<PathBuf>,
-    /// See `generate-audio --help`.
-    #[arg(long)]
-    pub t5: Option<PathBuf>,
+    /// `--model` overrides the config's `experiment.models` (e.g. `--model builtin:tiny`).
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Folder in which `<name>_<unix time>/` is created.
     #[arg(long, default_value = ".")]
     pub output_dir: PathBuf,
@@ -65,8 +59,9 @@ impl ExperimentRunner {
         if !self.output_dir.is_dir() {
             bail!("{}: --output-dir does not exist", self.output_dir.display());
         }
-        let model_path = self.model.clone().unwrap_or_else(|| PathBuf::from(&cfg.experiment.models[0]));
-        let model = ModelArgs { model: Some(model_path), encodec: self.encodec.clone(), t5: self.t5.clone() }.load()?;
+        let mut model_args = self.model.clone();
+        model_args.model = Some(model_args.model.unwrap_or_else(|| PathBuf::from(&cfg.experiment.models[0])));
+        let model = model_args.load()?;
         let cases = cfg.cases();
         // Seeds vary per case; the objective's other settings are shared.
         let objective = GenerationObjective::from_options(&self.sampling.options(&model, 0)?);
@@ -218,12 +213,8 @@ fn report(q: &EmbeddingFile, training: &[crate::store::Record], s: &[f64], top: 
 pub struct Attribute {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long)]
-    pub prompt: String,
-    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
-    pub duration: f64,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub example: ExampleArgs,
     /// Training embedding files; the projection and sampling settings are taken from them.
     #[arg(long, required = true, num_args = 1..)]
     pub training: Vec<PathBuf>,
@@ -262,9 +253,9 @@ impl Attribute {
         let spec = ProjectorSpec::new(p.kind, p.seed, Some(p.k), p.d, p.sparsity)?;
         let example = Example {
             name: "query".into(),
-            prompt: self.prompt.clone(),
-            duration: self.duration,
-            seed: self.seed,
+            prompt: self.example.prompt.clone(),
+            duration: self.example.duration,
+            seed: self.example.seed,
             source: None,
         };
         let pb = progress_bar(self.quiet, "generating");

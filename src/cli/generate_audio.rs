@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 
-use super::{parse_duration, progress_bar, ModelArgs, SamplingArgs};
+use super::{progress_bar, ExampleArgs, ModelArgs, SamplingArgs};
 use crate::audio::{normalize_loudness, write_wav};
 
 /// Generate audio from a text prompt.
@@ -17,15 +17,8 @@ use crate::audio::{normalize_loudness, write_wav};
 pub struct GenerateAudio {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Text description of the music.
-    #[arg(long)]
-    pub prompt: String,
-    /// Seconds of audio; beyond the model's window the piece is extended window by window.
-    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
-    pub duration: f64,
-    /// Random seed: the same seed gives the same audio.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub example: ExampleArgs,
     /// Output WAV file (16-bit PCM, loudness-normalised to −14 LUFS).
     #[arg(long)]
     pub output: PathBuf,
@@ -41,14 +34,14 @@ pub struct GenerateAudio {
 
 impl GenerateAudio {
     pub fn run(&self) -> Result<()> {
-        if self.prompt.trim().is_empty() {
+        if self.example.prompt.trim().is_empty() {
             anyhow::bail!("--prompt is empty: describe the music, e.g. --prompt \"calm piano melody\"");
         }
         let model = self.model.load()?;
-        let opts = self.sampling.options(&model, self.seed)?;
+        let opts = self.sampling.options(&model, self.example.seed)?;
         let pb = progress_bar(self.quiet, "generating");
         let start = Instant::now();
-        let gen = model.generate(&self.prompt, self.duration, &opts, Some(&pb))?;
+        let gen = model.generate(&self.example.prompt, self.example.duration, &opts, Some(&pb))?;
         pb.finish_and_clear();
         let gen_secs = start.elapsed().as_secs_f64();
         let wav = model.decode(&gen.frames)?;
@@ -61,9 +54,9 @@ impl GenerateAudio {
             let summary = serde_json::json!({
                 "output": self.output,
                 "model": model.source,
-                "prompt": self.prompt,
-                "duration": self.duration,
-                "seed": self.seed,
+                "prompt": self.example.prompt,
+                "duration": self.example.duration,
+                "seed": self.example.seed,
                 "frames": frames,
                 "sample_rate": sr,
                 "channels": channels.len(),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::{parse_duration, progress_bar, ModelArgs, ProjectionArgs, SamplingArgs};
+use super::{progress_bar, ExampleArgs, ModelArgs, ProjectionArgs, SamplingArgs};
 use crate::attribution::{embed, Example, GenerationObjective};
 use crate::audio::{normalize_loudness, write_wav};
 
@@ -17,15 +17,8 @@ use crate::audio::{normalize_loudness, write_wav};
 pub struct GenerateGradients {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Text description of the music.
-    #[arg(long)]
-    pub prompt: String,
-    /// Seconds of audio to generate and differentiate.
-    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
-    pub duration: f64,
-    /// Random seed of the generation.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub example: ExampleArgs,
     /// Output embedding file (.bin: safetensors with a JSON header).
     #[arg(long)]
     pub output: PathBuf,
@@ -46,7 +39,7 @@ pub struct GenerateGradients {
 
 impl GenerateGradients {
     pub fn run(&self) -> Result<()> {
-        if self.prompt.trim().is_empty() {
+        if self.example.prompt.trim().is_empty() {
             anyhow::bail!("--prompt is empty: describe the music, e.g. --prompt \"calm ocean waves\"");
         }
         super::check_output_dir(&self.output)?;
@@ -54,13 +47,13 @@ impl GenerateGradients {
             super::check_output_dir(a)?;
         }
         let model = self.model.load()?;
-        let objective = GenerationObjective::from_options(&self.sampling.options(&model, self.seed)?);
+        let objective = GenerationObjective::from_options(&self.sampling.options(&model, self.example.seed)?);
         let spec = self.projection.spec(&model)?;
         let example = Example {
             name: self.output.file_stem().and_then(|s| s.to_str()).unwrap_or("example").to_string(),
-            prompt: self.prompt.clone(),
-            duration: self.duration,
-            seed: self.seed,
+            prompt: self.example.prompt.clone(),
+            duration: self.example.duration,
+            seed: self.example.seed,
             source: None,
         };
         let pb = progress_bar(self.quiet, "generating");

@@ -57,6 +57,20 @@ impl ModelArgs {
     }
 }
 
+/// What to generate: prompt, length, seed.
+#[derive(Debug, Clone, Args)]
+pub struct ExampleArgs {
+    /// Text description of the music.
+    #[arg(long)]
+    pub prompt: String,
+    /// Seconds of audio; beyond the model's window the piece is extended window by window.
+    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
+    pub duration: f64,
+    /// Random seed of the generation: the same seed gives the same tokens.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
 /// Sampling options shared by every command that generates.
 #[derive(Debug, Clone, Args)]
 pub struct SamplingArgs {

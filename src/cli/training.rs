@@ -207,13 +207,7 @@ impl GenerateTrainingDataset {
         for e in &mine {
             let f = EmbeddingFile::read(&state_file(&state_dir, &e.rel_path))?;
             let r = &f.header.records[0];
-            let ex = Example {
-                name: r.name.clone(),
-                prompt: r.prompt.clone(),
-                duration: r.duration,
-                seed: r.seed,
-                source: r.source.clone(),
-            };
+            let ex = Example::from_record(r);
             rows.push((ex, f.data));
         }
         let mut file = single_file(&model, &objective, &spec, rows)?;

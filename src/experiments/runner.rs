@@ -127,13 +127,7 @@ pub fn write_aggregate(
     for case in cases {
         let f = EmbeddingFile::read(&layout.case_embedding(case))?;
         let r = &f.header.records[0];
-        let ex = Example {
-            name: r.name.clone(),
-            prompt: r.prompt.clone(),
-            duration: r.duration,
-            seed: r.seed,
-            source: None,
-        };
+        let ex = Example::from_record(r);
         rows.push((ex, f.data));
     }
     let path = layout.aggregate();

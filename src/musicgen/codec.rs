@@ -217,7 +217,8 @@ impl ResBlock {
     }
 }
 
-enum DecoderLayer {
+/// One entry of a SEANet module list (encoder or decoder).
+enum SeanetLayer {
     Conv(Conv),
     Lstm(Lstm),
     Elu,
@@ -225,9 +226,23 @@ enum DecoderLayer {
     Res(ResBlock),
 }
 
+fn run_layers(layers: &[SeanetLayer], x: &Tensor) -> Result<Tensor> {
+    let mut h = x.clone();
+    for layer in layers {
+        h = match layer {
+            SeanetLayer::Conv(c) => c.forward(&h)?,
+            SeanetLayer::Lstm(l) => l.forward(&h)?,
+            SeanetLayer::Elu => h.elu(1.0)?,
+            SeanetLayer::ConvTr(c) => c.forward(&h)?,
+            SeanetLayer::Res(r) => r.forward(&h)?,
+        };
+    }
+    Ok(h)
+}
+
 /// The SEANet decoder: latent `[B, D, T]` to waveform `[B, C, T·hop]`.
 pub struct CodecDecoder {
-    layers: Vec<DecoderLayer>,
+    layers: Vec<SeanetLayer>,
 }
 
 impl CodecDecoder {
@@ -237,48 +252,38 @@ impl CodecDecoder {
         let vb = vb.pp("layers");
         let mut layers = Vec::new();
         let mut mult = 1usize << cfg.ratios.len();
-        let push = |layer: DecoderLayer, layers: &mut Vec<DecoderLayer>| layers.push(layer);
+        let push = |layer: SeanetLayer, layers: &mut Vec<SeanetLayer>| layers.push(layer);
         let first = Conv::new(cfg, cfg.dimension, mult * cfg.n_filters, cfg.kernel_size, 1, 1, vb.pp(0).pp("conv"))?;
-        push(DecoderLayer::Conv(first), &mut layers);
+        push(SeanetLayer::Conv(first), &mut layers);
         if cfg.lstm_layers > 0 {
             let idx = layers.len();
             push(
-                DecoderLayer::Lstm(Lstm::new(mult * cfg.n_filters, cfg.lstm_layers, vb.pp(idx).pp("lstm"))?),
+                SeanetLayer::Lstm(Lstm::new(mult * cfg.n_filters, cfg.lstm_layers, vb.pp(idx).pp("lstm"))?),
                 &mut layers,
             );
         }
         for &ratio in &cfg.ratios {
             let dim = mult * cfg.n_filters;
-            push(DecoderLayer::Elu, &mut layers);
+            push(SeanetLayer::Elu, &mut layers);
             let idx = layers.len();
             let tr = ConvTr::new(cfg, dim, dim / 2, ratio * 2, ratio, vb.pp(idx).pp("conv"))?;
-            push(DecoderLayer::ConvTr(tr), &mut layers);
+            push(SeanetLayer::ConvTr(tr), &mut layers);
             for j in 0..cfg.n_residual_layers {
                 let idx = layers.len();
                 let dilation = cfg.dilation_base.pow(j as u32);
-                push(DecoderLayer::Res(ResBlock::new(cfg, dim / 2, dilation, vb.pp(idx))?), &mut layers);
+                push(SeanetLayer::Res(ResBlock::new(cfg, dim / 2, dilation, vb.pp(idx))?), &mut layers);
             }
             mult /= 2;
         }
-        push(DecoderLayer::Elu, &mut layers);
+        push(SeanetLayer::Elu, &mut layers);
         let idx = layers.len();
         let last = Conv::new(cfg, cfg.n_filters, cfg.channels, cfg.last_kernel_size, 1, 1, vb.pp(idx).pp("conv"))?;
-        push(DecoderLayer::Conv(last), &mut layers);
+        push(SeanetLayer::Conv(last), &mut layers);
         Ok(Self { layers })
     }
 
     pub fn forward(&self, latent: &Tensor) -> Result<Tensor> {
-        let mut h = latent.clone();
-        for layer in &self.layers {
-            h = match layer {
-                DecoderLayer::Conv(c) => c.forward(&h)?,
-                DecoderLayer::Lstm(l) => l.forward(&h)?,
-                DecoderLayer::Elu => h.elu(1.0)?,
-                DecoderLayer::ConvTr(c) => c.forward(&h)?,
-                DecoderLayer::Res(r) => r.forward(&h)?,
-            };
-        }
-        Ok(h)
+        run_layers(&self.layers, latent)
     }
 }
 
@@ -359,7 +364,7 @@ impl Codec {
 /// The SEANet encoder: waveform `[B, C, L]` to latent `[B, D, T]` (used to encode
 /// training audio; not part of any gradient).
 pub struct CodecEncoder {
-    layers: Vec<DecoderLayer>,
+    layers: Vec<SeanetLayer>,
 }
 
 impl CodecEncoder {
@@ -367,7 +372,7 @@ impl CodecEncoder {
     pub fn new(cfg: &CodecConfig, vb: Vb) -> Result<Self> {
         let vb = vb.pp("layers");
         let mut layers = Vec::new();
-        layers.push(DecoderLayer::Conv(Conv::new(
+        layers.push(SeanetLayer::Conv(Conv::new(
             cfg,
             cfg.channels,
             cfg.n_filters,
@@ -382,21 +387,21 @@ impl CodecEncoder {
             for j in 0..cfg.n_residual_layers {
                 let idx = layers.len();
                 let dilation = cfg.dilation_base.pow(j as u32);
-                layers.push(DecoderLayer::Res(ResBlock::new(cfg, dim, dilation, vb.pp(idx))?));
+                layers.push(SeanetLayer::Res(ResBlock::new(cfg, dim, dilation, vb.pp(idx))?));
             }
-            layers.push(DecoderLayer::Elu);
+            layers.push(SeanetLayer::Elu);
             let idx = layers.len();
-            layers.push(DecoderLayer::Conv(Conv::new(cfg, dim, dim * 2, ratio * 2, ratio, 1, vb.pp(idx).pp("conv"))?));
+            layers.push(SeanetLayer::Conv(Conv::new(cfg, dim, dim * 2, ratio * 2, ratio, 1, vb.pp(idx).pp("conv"))?));
             mult *= 2;
         }
         let dim = mult * cfg.n_filters;
         if cfg.lstm_layers > 0 {
             let idx = layers.len();
-            layers.push(DecoderLayer::Lstm(Lstm::new(dim, cfg.lstm_layers, vb.pp(idx).pp("lstm"))?));
+            layers.push(SeanetLayer::Lstm(Lstm::new(dim, cfg.lstm_layers, vb.pp(idx).pp("lstm"))?));
         }
-        layers.push(DecoderLayer::Elu);
+        layers.push(SeanetLayer::Elu);
         let idx = layers.len();
-        layers.push(DecoderLayer::Conv(Conv::new(
+        layers.push(SeanetLayer::Conv(Conv::new(
             cfg,
             dim,
             cfg.dimension,
@@ -409,17 +414,7 @@ impl CodecEncoder {
     }
 
     pub fn forward(&self, wav: &Tensor) -> Result<Tensor> {
-        let mut h = wav.clone();
-        for layer in &self.layers {
-            h = match layer {
-                DecoderLayer::Conv(c) => c.forward(&h)?,
-                DecoderLayer::Lstm(l) => l.forward(&h)?,
-                DecoderLayer::Elu => h.elu(1.0)?,
-                DecoderLayer::ConvTr(c) => c.forward(&h)?,
-                DecoderLayer::Res(r) => r.forward(&h)?,
-            };
-        }
-        Ok(h)
+        run_layers(&self.layers, wav)
     }
 }
 
