@@ -60,18 +60,31 @@ pub fn for_each_gradient(
     drop(grads);
     timings.project += t.elapsed().as_secs_f64();
 
-    // Part 2: LM.
-    let t = Instant::now();
+    // Part 2: LM, one window at a time (gradients summed), so that a long piece never
+    // holds more than one window's graph.
     let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
-    let value = objective.lm_value(model, &lm, prepared)?;
-    let mut grads = value.backward()?;
-    drop(value);
+    let params = model.lm_params.params();
+    let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
+    for part in 0..objective.lm_parts(prepared) {
+        let t = Instant::now();
+        let value = objective.lm_value_part(model, &lm, prepared, part)?;
+        let mut grads = value.backward()?;
+        drop(value);
+        timings.backward += t.elapsed().as_secs_f64();
+        for ((_, var), slot) in params.iter().zip(acc.iter_mut()) {
+            if let Some(g) = grads.remove(var.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    None => g,
+                    Some(a) => (a + g)?,
+                });
+            }
+        }
+    }
     drop(lm);
-    timings.backward += t.elapsed().as_secs_f64();
     let t = Instant::now();
-    for (name, var) in model.lm_params.params() {
-        let g = grads.remove(var.as_tensor()).ok_or_else(|| missing(&name))?;
-        sink(&name, &g)?;
+    for ((name, _), g) in params.iter().zip(acc) {
+        let g = g.ok_or_else(|| missing(name))?;
+        sink(name, &g)?;
     }
     timings.project += t.elapsed().as_secs_f64();
     Ok(())

@@ -51,8 +51,19 @@ pub trait Objective: Send + Sync {
     fn prepare(&self, model: &MusicGen, example: &Example, progress: Option<&ProgressBar>) -> Result<Prepared>;
     /// The scalar whose gradient is taken w.r.t. the codec decoder (`codec` is tracked).
     fn codec_value(&self, model: &MusicGen, codec: &Codec, prepared: &Prepared) -> Result<Tensor>;
-    /// The scalar whose gradient is taken w.r.t. the LM (`lm` is tracked).
-    fn lm_value(&self, model: &MusicGen, lm: &Lm, prepared: &Prepared) -> Result<Tensor>;
+    /// How many independent pieces the LM scalar is a sum of (one per generation window):
+    /// each piece is differentiated on its own, so only one window's graph is alive at a time.
+    fn lm_parts(&self, prepared: &Prepared) -> usize;
+    /// Piece `part` of the LM scalar (`lm` is tracked).
+    fn lm_value_part(&self, model: &MusicGen, lm: &Lm, prepared: &Prepared, part: usize) -> Result<Tensor>;
+    /// The whole LM scalar: the sum of its pieces.
+    fn lm_value(&self, model: &MusicGen, lm: &Lm, prepared: &Prepared) -> Result<Tensor> {
+        let mut total = self.lm_value_part(model, lm, prepared, 0)?;
+        for part in 1..self.lm_parts(prepared) {
+            total = (total + self.lm_value_part(model, lm, prepared, part)?)?;
+        }
+        Ok(total)
+    }
 }
 
 /// Sampling settings of the `generation` objective.
@@ -139,37 +150,38 @@ impl Objective for GenerationObjective {
         Ok(codec.decode(&codes, model.cfg.audio_channels)?.mean_all()?)
     }
 
-    fn lm_value(&self, model: &MusicGen, lm: &Lm, prepared: &Prepared) -> Result<Tensor> {
+    fn lm_parts(&self, prepared: &Prepared) -> usize {
+        prepared.generation.windows.len()
+    }
+
+    fn lm_value_part(&self, model: &MusicGen, lm: &Lm, prepared: &Prepared, part: usize) -> Result<Tensor> {
         let pattern = model.pattern();
         let cfg = lm.config();
         let guided = self.settings.guidance_scale != 1.0;
         let batch = if guided { 2 } else { 1 };
+        let window = prepared
+            .generation
+            .windows
+            .get(part)
+            .ok_or_else(|| anyhow::anyhow!("window {part} of {}", prepared.generation.windows.len()))?;
         let states = lm.project_condition(&prepared.t5)?;
         let cond = lm.conditioning(&states, 1)?;
-        let mut total: Option<Tensor> = None;
-        for window in &prepared.generation.windows {
-            let steps = pattern.build(&window.frames);
-            let s_len = steps[0].len();
-            let start = pattern.first_step_after_prompt(window.prompt_len);
-            // Teacher forcing: the logits at position s−1 are those that sampled step s.
-            let input = step_tensor(&steps, 0..s_len - 1, batch, &model.device)?;
-            let logits = lm.forward(&input, &cond, None)?; // [B, K, S−1, card]
-            let logits = if guided {
-                let c = logits.get(0)?;
-                let u = logits.get(1)?;
-                (&u + ((c - &u)? * self.settings.guidance_scale)?)?
-            } else {
-                logits.get(0)?
-            };
-            let sampled = logits.narrow(1, start - 1, s_len - start)?;
-            // Σ_s mean_{k,c} L_s
-            let sum = (sampled.sum_all()? / (cfg.n_q * cfg.card) as f64)?;
-            total = Some(match total {
-                None => sum,
-                Some(t) => (t + sum)?,
-            });
-        }
-        let total = total.ok_or_else(|| anyhow::anyhow!("nothing was generated"))?;
-        Ok((total / prepared.generation.num_frames() as f64)?)
+        let steps = pattern.build(&window.frames);
+        let s_len = steps[0].len();
+        let start = pattern.first_step_after_prompt(window.prompt_len);
+        // Teacher forcing: the logits at position s−1 are those that sampled step s.
+        let input = step_tensor(&steps, 0..s_len - 1, batch, &model.device)?;
+        let logits = lm.forward(&input, &cond, None)?; // [B, K, S−1, card]
+        let logits = if guided {
+            let c = logits.get(0)?;
+            let u = logits.get(1)?;
+            (&u + ((c - &u)? * self.settings.guidance_scale)?)?
+        } else {
+            logits.get(0)?
+        };
+        let sampled = logits.narrow(1, start - 1, s_len - start)?;
+        // (1/T) Σ_s mean_{k,c} L_s over this window's sampling steps.
+        let scale = (cfg.n_q * cfg.card * prepared.generation.num_frames()) as f64;
+        Ok((sampled.sum_all()? / scale)?)
     }
 }

@@ -62,7 +62,8 @@ impl Attention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, _, s, _) = q.dims4()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        // Scale q (S×hd) rather than the scores (S×S): one fewer S×S tensor kept for backward.
+        let mut scores = (q * scale)?.matmul(&k.t()?)?;
         if let Some(m) = mask {
             scores = scores.broadcast_add(m)?;
         }
