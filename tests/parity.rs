@@ -139,6 +139,23 @@ fn check_gradients(model: &MusicGen, r: &HashMap<String, Tensor>, label: &str, t
         checked += 1;
     }
     assert!(checked > 20, "{label}: only {checked} LM gradients checked");
+    // The embedding path (layer-wise recomputation, one window at a time) agrees too.
+    let mut layerwise = HashMap::new();
+    spintrak::attribution::for_each_gradient(
+        model,
+        &objective,
+        &prepared(ids(&r["lm_frames"]), t5),
+        &mut Default::default(),
+        |name, g| {
+            layerwise.insert(name.to_string(), g.clone());
+            Ok(())
+        },
+    )
+    .unwrap();
+    for (name, var) in model.lm_params.params() {
+        let full = grads.get(var.as_tensor()).unwrap();
+        assert_close(&format!("{label}: layer-wise ∇f_LM {name}"), &layerwise[&name], full);
+    }
     // f_codec on the fixture's codes.
     let codec = Codec::new(&model.cfg.codec, model.codec_params.vb(false)).unwrap();
     let f = objective.codec_value(model, &codec, &prepared(ids(&r["codes"]), t5)).unwrap();

@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use indicatif::ProgressBar;
 
@@ -60,25 +61,14 @@ pub fn for_each_gradient(
     drop(grads);
     timings.project += t.elapsed().as_secs_f64();
 
-    // Part 2: LM, one window at a time (gradients summed), so that a long piece never
-    // holds more than one window's graph.
+    // Part 2: LM, one window at a time, layer by layer (gradients summed).
     let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
     let params = model.lm_params.params();
     let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
     for part in 0..objective.lm_parts(prepared) {
         let t = Instant::now();
-        let value = objective.lm_value_part(model, &lm, prepared, part)?;
-        let mut grads = value.backward()?;
-        drop(value);
+        lm_part_gradients(model, &lm, objective, prepared, part, &params, &mut acc)?;
         timings.backward += t.elapsed().as_secs_f64();
-        for ((_, var), slot) in params.iter().zip(acc.iter_mut()) {
-            if let Some(g) = grads.remove(var.as_tensor()) {
-                *slot = Some(match slot.take() {
-                    None => g,
-                    Some(a) => (a + g)?,
-                });
-            }
-        }
     }
     drop(lm);
     let t = Instant::now();
@@ -87,6 +77,76 @@ pub fn for_each_gradient(
         sink(name, &g)?;
     }
     timings.project += t.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// Adds the gradients of `params` found in `grads` to `acc`.
+fn take_param_grads(grads: &mut GradStore, params: &[(String, Var)], acc: &mut [Option<Tensor>]) -> Result<()> {
+    for ((_, var), slot) in params.iter().zip(acc.iter_mut()) {
+        if let Some(g) = grads.remove(var.as_tensor()) {
+            *slot = Some(match slot.take() {
+                None => g,
+                Some(a) => (a + g)?,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Gradient of one LM piece by layer-wise recomputation: a forward pass without a graph
+/// keeps only each layer's input; then, from the head down, each layer is re-run on its
+/// saved input and differentiated against the gradient arriving from above. Peak memory
+/// is one layer's graph instead of the whole network's (Candle's backward keeps every
+/// intermediate gradient until it returns).
+fn lm_part_gradients(
+    model: &MusicGen,
+    lm: &Lm,
+    objective: &dyn Objective,
+    prepared: &Prepared,
+    part: usize,
+    params: &[(String, Var)],
+    acc: &mut [Option<Tensor>],
+) -> Result<()> {
+    let (tokens, n_cond) = objective.lm_input(model, prepared, part)?;
+    let plain = &model.lm; // same weights, no autograd graph
+    let states = plain.project_condition(&prepared.t5)?;
+    let cond = plain.conditioning(&states, n_cond)?;
+    let mut inputs = vec![plain.embed(&tokens, 0)?];
+    for i in 0..plain.num_layers() {
+        let h = plain.layer(i, &inputs[i], &cond)?;
+        inputs.push(h);
+    }
+    // Head and objective.
+    let top = Var::from_tensor(&inputs[plain.num_layers()])?;
+    let value = objective.lm_head_value(model, &lm.head(top.as_tensor())?, prepared, part)?;
+    let mut grads = value.backward()?;
+    let mut upstream = grads.remove(top.as_tensor()).ok_or_else(|| anyhow!("no gradient reached the LM output"))?;
+    take_param_grads(&mut grads, params, acc)?;
+    drop(grads);
+    // Layers, top to bottom.
+    let mut d_states: Option<Tensor> = None;
+    for i in (0..lm.num_layers()).rev() {
+        let input = Var::from_tensor(&inputs[i])?;
+        let memory = Var::from_tensor(&states)?;
+        let cond = lm.conditioning(memory.as_tensor(), n_cond)?;
+        let out = lm.layer(i, input.as_tensor(), &cond)?;
+        let mut grads = (out * &upstream)?.sum_all()?.backward()?;
+        upstream = grads.remove(input.as_tensor()).ok_or_else(|| anyhow!("no gradient reached layer {i}'s input"))?;
+        if let Some(g) = grads.remove(memory.as_tensor()) {
+            d_states = Some(match d_states {
+                None => g,
+                Some(a) => (a + g)?,
+            });
+        }
+        take_param_grads(&mut grads, params, acc)?;
+    }
+    // Embeddings, then the conditioning projection.
+    let mut grads = (lm.embed(&tokens, 0)? * &upstream)?.sum_all()?.backward()?;
+    take_param_grads(&mut grads, params, acc)?;
+    if let Some(d) = d_states {
+        let mut grads = (lm.project_condition(&prepared.t5)? * d)?.sum_all()?.backward()?;
+        take_param_grads(&mut grads, params, acc)?;
+    }
     Ok(())
 }
 

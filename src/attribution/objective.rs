@@ -54,8 +54,17 @@ pub trait Objective: Send + Sync {
     /// How many independent pieces the LM scalar is a sum of (one per generation window):
     /// each piece is differentiated on its own, so only one window's graph is alive at a time.
     fn lm_parts(&self, prepared: &Prepared) -> usize;
-    /// Piece `part` of the LM scalar (`lm` is tracked).
-    fn lm_value_part(&self, model: &MusicGen, lm: &Lm, prepared: &Prepared, part: usize) -> Result<Tensor>;
+    /// The teacher-forced LM input of piece `part`: tokens `[B, K, S]`, and how many
+    /// leading batch rows carry the text condition (the rest get the null condition).
+    fn lm_input(&self, model: &MusicGen, prepared: &Prepared, part: usize) -> Result<(Tensor, usize)>;
+    /// Piece `part` of the LM scalar from the logits of its input.
+    fn lm_head_value(&self, model: &MusicGen, logits: &Tensor, prepared: &Prepared, part: usize) -> Result<Tensor>;
+    /// Piece `part` of the LM scalar (`lm` is tracked), in one forward pass.
+    fn lm_value_part(&self, model: &MusicGen, lm: &Lm, prepared: &Prepared, part: usize) -> Result<Tensor> {
+        let (tokens, n_cond) = self.lm_input(model, prepared, part)?;
+        let cond = lm.conditioning(&lm.project_condition(&prepared.t5)?, n_cond)?;
+        self.lm_head_value(model, &lm.forward(&tokens, &cond, None)?, prepared, part)
+    }
     /// The whole LM scalar: the sum of its pieces.
     fn lm_value(&self, model: &MusicGen, lm: &Lm, prepared: &Prepared) -> Result<Tensor> {
         let mut total = self.lm_value_part(model, lm, prepared, 0)?;
@@ -132,6 +141,16 @@ fn step_tensor(steps: &[Vec<u32>], range: std::ops::Range<usize>, batch: usize, 
     Ok(Tensor::from_vec(flat, (batch, k, width), device)?)
 }
 
+impl GenerationObjective {
+    fn window<'a>(&self, prepared: &'a Prepared, part: usize) -> Result<&'a crate::musicgen::model::Window> {
+        prepared
+            .generation
+            .windows
+            .get(part)
+            .ok_or_else(|| anyhow::anyhow!("window {part} of {}", prepared.generation.windows.len()))
+    }
+}
+
 impl Objective for GenerationObjective {
     fn info(&self) -> ObjectiveInfo {
         ObjectiveInfo {
@@ -154,25 +173,23 @@ impl Objective for GenerationObjective {
         prepared.generation.windows.len()
     }
 
-    fn lm_value_part(&self, model: &MusicGen, lm: &Lm, prepared: &Prepared, part: usize) -> Result<Tensor> {
-        let pattern = model.pattern();
-        let cfg = lm.config();
+    fn lm_input(&self, model: &MusicGen, prepared: &Prepared, part: usize) -> Result<(Tensor, usize)> {
         let guided = self.settings.guidance_scale != 1.0;
-        let batch = if guided { 2 } else { 1 };
-        let window = prepared
-            .generation
-            .windows
-            .get(part)
-            .ok_or_else(|| anyhow::anyhow!("window {part} of {}", prepared.generation.windows.len()))?;
-        let states = lm.project_condition(&prepared.t5)?;
-        let cond = lm.conditioning(&states, 1)?;
-        let steps = pattern.build(&window.frames);
+        let window = self.window(prepared, part)?;
+        let steps = model.pattern().build(&window.frames);
         let s_len = steps[0].len();
+        // Teacher forcing: the logits at position s−1 are those that sampled step s. The
+        // guided pair is one batch: row 0 with the text, row 1 with the null condition.
+        Ok((step_tensor(&steps, 0..s_len - 1, if guided { 2 } else { 1 }, &model.device)?, 1))
+    }
+
+    fn lm_head_value(&self, model: &MusicGen, logits: &Tensor, prepared: &Prepared, part: usize) -> Result<Tensor> {
+        let cfg = &model.cfg.lm;
+        let pattern = model.pattern();
+        let window = self.window(prepared, part)?;
+        let s_len = pattern.num_steps(window.frames[0].len());
         let start = pattern.first_step_after_prompt(window.prompt_len);
-        // Teacher forcing: the logits at position s−1 are those that sampled step s.
-        let input = step_tensor(&steps, 0..s_len - 1, batch, &model.device)?;
-        let logits = lm.forward(&input, &cond, None)?; // [B, K, S−1, card]
-        let logits = if guided {
+        let logits = if self.settings.guidance_scale != 1.0 {
             let c = logits.get(0)?;
             let u = logits.get(1)?;
             (&u + ((c - &u)? * self.settings.guidance_scale)?)?

@@ -233,8 +233,22 @@ impl Lm {
     /// Logits `[B, K, S, card]` for tokens `[B, K, S]` (u32, values ≤ card). With a
     /// cache, positions continue from the cache length and the cache is extended.
     pub fn forward(&self, tokens: &Tensor, cond: &Conditioning, mut cache: Option<&mut LmCache>) -> Result<Tensor> {
-        let (_, k, s) = tokens.dims3()?;
+        let s = tokens.dim(2)?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
+        let mut h = self.embed(tokens, offset)?;
+        for i in 0..self.layers.len() {
+            let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            h = self.layers[i].forward(&h, &cond.layers[i], c)?;
+        }
+        if let Some(c) = cache {
+            c.len += s;
+        }
+        self.head(&h)
+    }
+
+    /// Summed codebook embeddings plus positions: `[B, K, S]` tokens -> `[B, S, D]`.
+    pub fn embed(&self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, k, s) = tokens.dims3()?;
         let mut h = embedding(&self.emb[0], &tokens.narrow(1, 0, 1)?.squeeze(1)?)?;
         for (q, table) in self.emb.iter().enumerate().take(k).skip(1) {
             h = (h + embedding(table, &tokens.narrow(1, q, 1)?.squeeze(1)?)?)?;
@@ -243,15 +257,21 @@ impl Lm {
             h = (h * (self.cfg.dim as f64).sqrt())?;
         }
         let pos = sinusoidal_positions(offset, s, self.cfg.dim, self.cfg.max_period, h.dtype(), &self.device)?;
-        h = h.broadcast_add(&pos)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = layer.forward(&h, &cond.layers[i], c)?;
-        }
-        if let Some(c) = cache {
-            c.len += s;
-        }
-        let h = self.out_norm.forward(&h)?;
+        Ok(h.broadcast_add(&pos)?)
+    }
+
+    /// Transformer layer `i` without a cache.
+    pub fn layer(&self, i: usize, h: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        self.layers[i].forward(h, &cond.layers[i], None)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Output norm and the per-codebook heads: `[B, S, D]` -> logits `[B, K, S, card]`.
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let h = self.out_norm.forward(h)?;
         let logits = self.heads.iter().map(|w| linear(&h, w, None)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::stack(&logits, 1)?)
     }
