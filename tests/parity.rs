@@ -170,6 +170,23 @@ fn check_gradients(model: &MusicGen, r: &HashMap<String, Tensor>, label: &str, t
         checked += 1;
     }
     assert!(checked > 10, "{label}: only {checked} codec gradients checked");
+    // The embedding path (layer-wise recomputation, channel by channel) agrees too.
+    let mut layerwise = HashMap::new();
+    spintrak::attribution::for_each_gradient(
+        model,
+        &objective,
+        &prepared(ids(&r["codes"]), t5),
+        &mut Default::default(),
+        |name, g| {
+            layerwise.insert(name.to_string(), g.clone());
+            Ok(())
+        },
+    )
+    .unwrap();
+    for (name, var) in spintrak::attribution::gradient::decoder_params(model) {
+        let full = grads.get(var.as_tensor()).unwrap();
+        assert_close(&format!("{label}: layer-wise ∇f_codec {name}"), &layerwise[&name], full);
+    }
 }
 
 #[test]

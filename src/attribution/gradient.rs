@@ -45,20 +45,41 @@ pub fn for_each_gradient(
     timings: &mut Timings,
     mut sink: impl FnMut(&str, &Tensor) -> Result<()>,
 ) -> Result<()> {
-    // Part 1: codec decoder.
+    // Part 1: codec decoder, channel by channel, layer by layer.
     let t = Instant::now();
+    let decoder_params = decoder_params(model);
     let codec = Codec::new(&model.cfg.codec, model.codec_params.vb(false))?;
-    let value = objective.codec_value(model, &codec, prepared)?;
-    let mut grads = value.backward()?;
-    drop(value);
+    let mut acc: Vec<Option<Tensor>> = vec![None; decoder_params.len()];
+    for z in objective.codec_inputs(model, prepared)? {
+        let plain = &model.codec.decoder; // same weights, no autograd graph
+        let mut inputs = vec![z];
+        for i in 0..plain.num_layers() {
+            let h = plain.layer(i, &inputs[i])?;
+            inputs.push(h);
+        }
+        let top = Var::from_tensor(&inputs[plain.num_layers()])?;
+        let mut grads = objective.codec_head_value(model, top.as_tensor(), prepared)?.backward()?;
+        let mut upstream =
+            grads.remove(top.as_tensor()).ok_or_else(|| anyhow!("no gradient reached the audio"))?.detach();
+        for i in (0..codec.decoder.num_layers()).rev() {
+            let input = Var::from_tensor(&inputs[i])?;
+            let mut grads = (codec.decoder.layer(i, input.as_tensor())? * &upstream)?.sum_all()?.backward()?;
+            take_param_grads(&mut grads, &decoder_params, &mut acc)?;
+            if i > 0 {
+                upstream = grads
+                    .remove(input.as_tensor())
+                    .ok_or_else(|| anyhow!("no gradient reached decoder layer {i}"))?
+                    .detach();
+            }
+        }
+    }
     drop(codec);
     timings.backward += t.elapsed().as_secs_f64();
     let t = Instant::now();
-    for (name, var) in decoder_params(model) {
-        let g = grads.remove(var.as_tensor()).ok_or_else(|| missing(&name))?;
-        sink(&name, &g)?;
+    for ((name, _), g) in decoder_params.iter().zip(acc) {
+        let g = g.ok_or_else(|| missing(name))?;
+        sink(name, &g)?;
     }
-    drop(grads);
     timings.project += t.elapsed().as_secs_f64();
 
     // Part 2: LM, one window at a time, layer by layer (gradients summed).
@@ -83,7 +104,9 @@ pub fn for_each_gradient(
 /// Adds the gradients of `params` found in `grads` to `acc`.
 fn take_param_grads(grads: &mut GradStore, params: &[(String, Var)], acc: &mut [Option<Tensor>]) -> Result<()> {
     for ((_, var), slot) in params.iter().zip(acc.iter_mut()) {
-        if let Some(g) = grads.remove(var.as_tensor()) {
+        // Detached: a gradient computed from variables carries its own graph, which would
+        // keep the layer's activations alive.
+        if let Some(g) = grads.remove(var.as_tensor()).map(|g| g.detach()) {
             *slot = Some(match slot.take() {
                 None => g,
                 Some(a) => (a + g)?,
@@ -120,7 +143,8 @@ fn lm_part_gradients(
     let top = Var::from_tensor(&inputs[plain.num_layers()])?;
     let value = objective.lm_head_value(model, &lm.head(top.as_tensor())?, prepared, part)?;
     let mut grads = value.backward()?;
-    let mut upstream = grads.remove(top.as_tensor()).ok_or_else(|| anyhow!("no gradient reached the LM output"))?;
+    let mut upstream =
+        grads.remove(top.as_tensor()).ok_or_else(|| anyhow!("no gradient reached the LM output"))?.detach();
     take_param_grads(&mut grads, params, acc)?;
     drop(grads);
     // Layers, top to bottom.
@@ -131,8 +155,9 @@ fn lm_part_gradients(
         let cond = lm.conditioning(memory.as_tensor(), n_cond)?;
         let out = lm.layer(i, input.as_tensor(), &cond)?;
         let mut grads = (out * &upstream)?.sum_all()?.backward()?;
-        upstream = grads.remove(input.as_tensor()).ok_or_else(|| anyhow!("no gradient reached layer {i}'s input"))?;
-        if let Some(g) = grads.remove(memory.as_tensor()) {
+        upstream =
+            grads.remove(input.as_tensor()).ok_or_else(|| anyhow!("no gradient reached layer {i}'s input"))?.detach();
+        if let Some(g) = grads.remove(memory.as_tensor()).map(|g| g.detach()) {
             d_states = Some(match d_states {
                 None => g,
                 Some(a) => (a + g)?,

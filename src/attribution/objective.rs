@@ -49,8 +49,22 @@ pub trait Objective: Send + Sync {
     fn info(&self) -> ObjectiveInfo;
     /// Work done without gradients (generation, encoding).
     fn prepare(&self, model: &MusicGen, example: &Example, progress: Option<&ProgressBar>) -> Result<Prepared>;
+    /// The decoder inputs (`[1, D, T]`, one per audio channel) of the codec scalar.
+    fn codec_inputs(&self, model: &MusicGen, prepared: &Prepared) -> Result<Vec<Tensor>>;
+    /// The codec scalar's share from one channel's decoded audio `[1, 1, samples]`.
+    fn codec_head_value(&self, model: &MusicGen, audio: &Tensor, prepared: &Prepared) -> Result<Tensor>;
     /// The scalar whose gradient is taken w.r.t. the codec decoder (`codec` is tracked).
-    fn codec_value(&self, model: &MusicGen, codec: &Codec, prepared: &Prepared) -> Result<Tensor>;
+    fn codec_value(&self, model: &MusicGen, codec: &Codec, prepared: &Prepared) -> Result<Tensor> {
+        let mut total: Option<Tensor> = None;
+        for z in self.codec_inputs(model, prepared)? {
+            let v = self.codec_head_value(model, &codec.decoder.forward(&z)?, prepared)?;
+            total = Some(match total {
+                None => v,
+                Some(t) => (t + v)?,
+            });
+        }
+        total.ok_or_else(|| anyhow::anyhow!("no audio to decode"))
+    }
     /// How many independent pieces the LM scalar is a sum of (one per generation window):
     /// each piece is differentiated on its own, so only one window's graph is alive at a time.
     fn lm_parts(&self, prepared: &Prepared) -> usize;
@@ -164,9 +178,14 @@ impl Objective for GenerationObjective {
         Ok(Prepared { generation, t5: model.encode_text(&example.prompt)? })
     }
 
-    fn codec_value(&self, model: &MusicGen, codec: &Codec, prepared: &Prepared) -> Result<Tensor> {
-        let codes = prepared.generation.frames_tensor(&model.device)?;
-        Ok(codec.decode(&codes, model.cfg.audio_channels)?.mean_all()?)
+    fn codec_inputs(&self, model: &MusicGen, prepared: &Prepared) -> Result<Vec<Tensor>> {
+        model.codec.latents(&prepared.generation.frames_tensor(&model.device)?, model.cfg.audio_channels)
+    }
+
+    fn codec_head_value(&self, model: &MusicGen, audio: &Tensor, _: &Prepared) -> Result<Tensor> {
+        // The mean over all channels' samples: each channel adds its sum / (channels · samples).
+        let n = audio.elem_count() * model.cfg.audio_channels;
+        Ok((audio.sum_all()? / n as f64)?)
     }
 
     fn lm_parts(&self, prepared: &Prepared) -> usize {

@@ -55,8 +55,7 @@ pub fn main_with(mut args: Vec<OsString>) -> ExitCode {
         .first()
         .and_then(|a| std::path::Path::new(a).file_stem().map(|s| s.to_string_lossy().to_string()))
         .unwrap_or_default();
-    if let Some((alias, sub)) = ALIASES.iter().find(|(a, _)| *a == prog) {
-        let _ = alias;
+    if let Some((_, sub)) = ALIASES.iter().find(|(a, _)| *a == prog) {
         args[0] = OsString::from("spintrak");
         args.insert(1, OsString::from(sub));
     }

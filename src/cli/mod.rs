@@ -153,7 +153,7 @@ pub fn parse_duration(s: &str) -> std::result::Result<f64, String> {
 #[derive(Debug, Clone, Args)]
 pub struct ProjectionArgs {
     /// Projection: `sparse` (default: O(D·s), fast on a CPU), `normal` (dense Gaussian, the
-    /// earlier tool's and TRAK's: O(D·k), about 6 hours per example for musicgen-small at
+    /// earlier tool's and TRAK's: O(D·k), about a day per example for musicgen-small at
     /// k = 8192 on 2 cores), `rademacher` (dense ±1), `identity` (the raw gradient, k = D).
     #[arg(long, value_enum, default_value_t = ProjectorKind::Sparse)]
     pub projector: ProjectorKind,

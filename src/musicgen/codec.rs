@@ -285,6 +285,15 @@ impl CodecDecoder {
     pub fn forward(&self, latent: &Tensor) -> Result<Tensor> {
         run_layers(&self.layers, latent)
     }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Runs layer `i` alone (for layer-wise recomputation of the gradient).
+    pub fn layer(&self, i: usize, h: &Tensor) -> Result<Tensor> {
+        run_layers(&self.layers[i..=i], h)
+    }
 }
 
 /// Codebooks of the residual vector quantiser (buffers, not parameters).
@@ -342,22 +351,29 @@ impl Codec {
     /// channels the LM's codebooks are interleaved [1L, 1R, 2L, 2R, ...]: even rows are
     /// the left channel, odd rows the right, each decoded by the mono codec.
     pub fn decode(&self, codes: &Tensor, audio_channels: usize) -> Result<Tensor> {
-        let (k, t) = codes.dims2()?;
+        let chans = self
+            .latents(codes, audio_channels)?
+            .iter()
+            .map(|z| Ok(self.decoder.forward(z)?.squeeze(0)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&chans, 0)?)
+    }
+
+    /// The decoder input of each output channel, `[1, D, T]`: the codebook vectors of the
+    /// channel's codes (rows `c, c + channels, ...` of interleaved stereo codes).
+    pub fn latents(&self, codes: &Tensor, audio_channels: usize) -> Result<Vec<Tensor>> {
+        let k = codes.dim(0)?;
         if audio_channels == 1 {
-            let wav = self.decoder.forward(&self.quantizer.decode(codes)?)?;
-            return Ok(wav.squeeze(0)?);
+            return Ok(vec![self.quantizer.decode(codes)?]);
         }
         let per = k / audio_channels;
-        let mut chans = Vec::with_capacity(audio_channels);
-        for c in 0..audio_channels {
-            let idx: Vec<u32> = (0..per).map(|q| (q * audio_channels + c) as u32).collect();
-            let idx = Tensor::from_vec(idx, per, codes.device())?;
-            let sub = codes.index_select(&idx, 0)?;
-            debug_assert_eq!(sub.dims(), &[per, t]);
-            let wav = self.decoder.forward(&self.quantizer.decode(&sub)?)?;
-            chans.push(wav.squeeze(0)?);
-        }
-        Ok(Tensor::cat(&chans, 0)?)
+        (0..audio_channels)
+            .map(|c| {
+                let idx: Vec<u32> = (0..per).map(|q| (q * audio_channels + c) as u32).collect();
+                let idx = Tensor::from_vec(idx, per, codes.device())?;
+                self.quantizer.decode(&codes.index_select(&idx, 0)?)
+            })
+            .collect()
     }
 }
 
