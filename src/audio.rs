@@ -53,6 +53,25 @@ pub fn normalize_loudness(channels: &mut [Vec<f32>], sample_rate: u32) -> Result
     Ok(Loudness { input_lufs: Some(lufs), gain_db, limited })
 }
 
+/// What `write_generated` wrote.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WrittenAudio {
+    pub loudness: Loudness,
+    pub channels: usize,
+    pub samples: usize,
+    pub sample_rate: u32,
+}
+
+/// Decodes generated frames with the model's codec, normalises the loudness and writes
+/// the WAV: the one path every command takes from codes to a file.
+pub fn write_generated(model: &crate::musicgen::MusicGen, frames: &[Vec<u32>], path: &Path) -> Result<WrittenAudio> {
+    let mut channels: Vec<Vec<f32>> = model.decode(frames)?.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+    let sample_rate = model.cfg.sample_rate() as u32;
+    let loudness = normalize_loudness(&mut channels, sample_rate)?;
+    write_wav(path, &channels, sample_rate)?;
+    Ok(WrittenAudio { loudness, channels: channels.len(), samples: channels.first().map_or(0, Vec::len), sample_rate })
+}
+
 /// Writes planar channels as a 16-bit PCM WAV, atomically.
 pub fn write_wav(path: &Path, channels: &[Vec<f32>], sample_rate: u32) -> Result<()> {
     let spec = hound::WavSpec {

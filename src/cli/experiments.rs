@@ -262,10 +262,7 @@ impl Attribute {
         let (embedding, prepared, _) = embed(&model, &objective, &spec, &example, Some(&pb))?;
         pb.finish_and_clear();
         if let Some(path) = &self.audio {
-            let mut ch: Vec<Vec<f32>> = model.decode(&prepared.generation.frames)?.to_vec2()?;
-            let sr = model.cfg.sample_rate() as u32;
-            crate::audio::normalize_loudness(&mut ch, sr)?;
-            crate::audio::write_wav(path, &ch, sr)?;
+            crate::audio::write_generated(&model, &prepared.generation.frames, path)?;
         }
         let q = super::single_file(&model, &objective, &spec, vec![(example, embedding)])?;
         let t = load_training(&q, std::path::Path::new("the query"), &self.training)?;

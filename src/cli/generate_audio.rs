@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::{progress_bar, ExampleArgs, ModelArgs, SamplingArgs};
-use crate::audio::{normalize_loudness, write_wav};
+use crate::audio::write_generated;
 
 /// Generate audio from a text prompt.
 #[derive(Debug, Args)]
@@ -44,11 +44,8 @@ impl GenerateAudio {
         let gen = model.generate(&self.example.prompt, self.example.duration, &opts, Some(&pb))?;
         pb.finish_and_clear();
         let gen_secs = start.elapsed().as_secs_f64();
-        let wav = model.decode(&gen.frames)?;
-        let mut channels: Vec<Vec<f32>> = wav.to_vec2()?;
-        let sr = model.cfg.sample_rate() as u32;
-        let loud = normalize_loudness(&mut channels, sr)?;
-        write_wav(&self.output, &channels, sr)?;
+        let written = write_generated(&model, &gen.frames, &self.output)?;
+        let (sr, loud) = (written.sample_rate, written.loudness);
         let frames = gen.num_frames();
         if self.json {
             let summary = serde_json::json!({
@@ -59,7 +56,7 @@ impl GenerateAudio {
                 "seed": self.example.seed,
                 "frames": frames,
                 "sample_rate": sr,
-                "channels": channels.len(),
+                "channels": written.channels,
                 "generation_seconds": gen_secs,
                 "input_lufs": loud.input_lufs,
                 "gain_db": loud.gain_db,
@@ -69,9 +66,9 @@ impl GenerateAudio {
             eprintln!(
                 "wrote {} ({} ch, {} Hz, {:.2} s; {} frames in {:.1} s, {:.1} frames/s)",
                 self.output.display(),
-                channels.len(),
+                written.channels,
                 sr,
-                channels.first().map_or(0, Vec::len) as f64 / sr as f64,
+                written.samples as f64 / sr as f64,
                 frames,
                 gen_secs,
                 frames as f64 / gen_secs.max(1e-9)

@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::{progress_bar, ExampleArgs, ModelArgs, ProjectionArgs, SamplingArgs};
 use crate::attribution::{embed, Example, GenerationObjective};
-use crate::audio::{normalize_loudness, write_wav};
+use crate::audio::write_generated;
 
 /// Generate audio for a prompt and write its gradient embedding.
 #[derive(Debug, Args)]
@@ -62,10 +62,7 @@ impl GenerateGradients {
         let file = super::single_file(&model, &objective, &spec, vec![(example, embedding)])?;
         file.write(&self.output)?;
         if let Some(path) = &self.audio {
-            let mut channels: Vec<Vec<f32>> = model.decode(&prepared.generation.frames)?.to_vec2()?;
-            let sr = model.cfg.sample_rate() as u32;
-            normalize_loudness(&mut channels, sr)?;
-            write_wav(path, &channels, sr)?;
+            write_generated(&model, &prepared.generation.frames, path)?;
         }
         if self.json {
             let summary = serde_json::json!({

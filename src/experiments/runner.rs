@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use super::config::{Case, ExperimentConfig};
 use crate::attribution::{embed, Example, GenerationObjective, ProjectorSpec};
-use crate::audio::{normalize_loudness, write_wav};
+use crate::audio::write_generated;
 use crate::cli::single_file;
 use crate::musicgen::MusicGen;
 use crate::store::EmbeddingFile;
@@ -108,10 +108,7 @@ pub fn run_case(
         source: None,
     };
     let (embedding, prepared, _) = embed(model, objective, spec, &example, None)?;
-    let mut channels: Vec<Vec<f32>> = model.decode(&prepared.generation.frames)?.to_vec2()?;
-    let sr = model.cfg.sample_rate() as u32;
-    normalize_loudness(&mut channels, sr)?;
-    write_wav(&layout.case_audio(case), &channels, sr)?;
+    write_generated(model, &prepared.generation.frames, &layout.case_audio(case))?;
     single_file(model, objective, spec, vec![(example, embedding)])?.write(&layout.case_embedding(case))
 }
 
