@@ -9,7 +9,8 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
 use super::config::{CodecConfig, PadMode};
-use super::ops::{conv_transpose1d, embedding, lstm_layer, reflect_pad_last, ConvTranspose1dParams};
+use super::lstm::lstm_layer;
+use super::ops::{conv_transpose1d, embedding, reflect_pad_last, ConvTranspose1dParams};
 use super::params::Vb;
 
 /// A convolution weight, plain or weight-normalised (`W = g · v / ‖v‖`, the norm taken

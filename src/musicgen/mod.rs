@@ -6,6 +6,7 @@ pub mod codec;
 pub mod config;
 pub mod lm;
 pub mod loader;
+pub mod lstm;
 pub mod model;
 pub mod ops;
 pub mod params;

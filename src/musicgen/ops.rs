@@ -154,40 +154,6 @@ pub fn conv_transpose1d(x: &Tensor, w: &Tensor, p: ConvTranspose1dParams) -> Res
     y.narrow(2, p.padding, out_len)
 }
 
-/// A single-layer LSTM over `[T, B, I]` input with PyTorch weights (`weight_ih [4H, I]`,
-/// `weight_hh [4H, H]`, biases `[4H]`, gate order i, f, g, o). Returns `[T, B, H]`.
-pub fn lstm_layer(
-    x: &Tensor,
-    w_ih: &Tensor,
-    w_hh: &Tensor,
-    b_ih: Option<&Tensor>,
-    b_hh: Option<&Tensor>,
-) -> Result<Tensor> {
-    let (t_len, b, _) = x.dims3()?;
-    let h4 = w_ih.dim(0)?;
-    let hidden = h4 / 4;
-    // Input projections of all time steps in one matmul.
-    let mut xi = linear(x, w_ih, b_ih)?;
-    if let Some(bh) = b_hh {
-        xi = xi.broadcast_add(bh)?;
-    }
-    let w_hh_t = w_hh.t()?;
-    let mut h = Tensor::zeros((b, hidden), x.dtype(), x.device())?;
-    let mut c = h.clone();
-    let mut outs = Vec::with_capacity(t_len);
-    for t in 0..t_len {
-        let gates = (xi.get(t)? + h.matmul(&w_hh_t)?)?;
-        let i = sigmoid(&gates.narrow(1, 0, hidden)?)?;
-        let f = sigmoid(&gates.narrow(1, hidden, hidden)?)?;
-        let g = gates.narrow(1, 2 * hidden, hidden)?.tanh()?;
-        let o = sigmoid(&gates.narrow(1, 3 * hidden, hidden)?)?;
-        c = ((f * &c)? + (i * g)?)?;
-        h = (o * c.tanh()?)?;
-        outs.push(h.clone());
-    }
-    Tensor::stack(&outs, 0)
-}
-
 /// Sinusoidal positional embedding `[cos(p·ω_i), sin(p·ω_i)]` with
 /// `ω_i = max_period^(−i/(half−1))`, as audiocraft and transformers' MusicGen use.
 pub fn sinusoidal_positions(
