@@ -49,8 +49,14 @@ const ALIASES: &[(&str, &str)] = &[
     ("experiment_4_results", "experiment-4-results"),
 ];
 
-/// Runs the command line `args` (argv[0] included).
+/// Runs the command line `args` (argv[0] included). The process entry point of every
+/// binary: called once, before any thread starts.
 pub fn main_with(mut args: Vec<OsString>) -> ExitCode {
+    // Candle asks for the thread count at every matmul; unset, that means reading the
+    // CPU mask and /proc/cpuinfo each time (measurable per decoding step). Fix it once.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
+    }
     let prog = args
         .first()
         .and_then(|a| std::path::Path::new(a).file_stem().map(|s| s.to_string_lossy().to_string()))

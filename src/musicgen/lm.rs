@@ -8,6 +8,7 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+use candle_nn::kv_cache::KvCache;
 
 use super::config::LmConfig;
 use super::ops::{causal_mask, embedding, layer_norm, linear, sinusoidal_positions, softmax_last};
@@ -73,16 +74,12 @@ impl Attention {
     }
 
     /// Causal self-attention; appends this call's keys/values to `cache`.
-    fn self_attention(&self, x: &Tensor, cache: Option<&mut KvPair>) -> Result<Tensor> {
+    fn self_attention(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let q = self.split(x, &self.q)?;
         let mut k = self.split(x, &self.k)?;
         let mut v = self.split(x, &self.v)?;
         if let Some(cache) = cache {
-            if let Some((pk, pv)) = cache.take() {
-                k = Tensor::cat(&[&pk, &k], 2)?;
-                v = Tensor::cat(&[&pv, &v], 2)?;
-            }
-            *cache = Some((k.clone(), v.clone()));
+            (k, v) = cache.append(&k, &v)?;
         }
         let (s, kv) = (q.dim(2)?, k.dim(2)?);
         let mask = if s > 1 { Some(causal_mask(s, kv, x.dtype(), x.device())?) } else { None };
@@ -94,8 +91,6 @@ impl Attention {
         Ok((self.split(mem, &self.k)?, self.split(mem, &self.v)?))
     }
 }
-
-type KvPair = Option<(Tensor, Tensor)>;
 
 struct Layer {
     norm1: Norm,
@@ -121,7 +116,7 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, memory: &LayerMemory, cache: Option<&mut KvPair>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, memory: &LayerMemory, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = (x + self.self_attn.self_attention(&self.norm1.forward(x)?, cache)?)?;
         let h = match memory.n_cond {
             0 => h,
@@ -156,9 +151,11 @@ pub struct Conditioning {
     layers: Vec<LayerMemory>,
 }
 
-/// Key/value cache for incremental decoding.
+/// Key/value cache for incremental decoding. Each layer's keys and values live in
+/// buffers sized for the whole window, written in place step by step: copying the
+/// history into a new tensor at every step cost more than the attention itself.
 pub struct LmCache {
-    layers: Vec<KvPair>,
+    layers: Vec<KvCache>,
     pub len: usize,
 }
 
@@ -226,8 +223,9 @@ impl Lm {
         Ok(Conditioning { layers })
     }
 
-    pub fn new_cache(&self) -> LmCache {
-        LmCache { layers: (0..self.layers.len()).map(|_| None).collect(), len: 0 }
+    /// A cache for up to `capacity` positions (it grows if more are fed).
+    pub fn new_cache(&self, capacity: usize) -> LmCache {
+        LmCache { layers: (0..self.layers.len()).map(|_| KvCache::new(2, capacity.max(1))).collect(), len: 0 }
     }
 
     /// Logits `[B, K, S, card]` for tokens `[B, K, S]` (u32, values ≤ card). With a

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod gemv;
 pub mod lm;
 pub mod loader;
 pub mod lstm;

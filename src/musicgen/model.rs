@@ -232,7 +232,7 @@ impl MusicGen {
             }
         }
         let batch = if guided { 2 } else { 1 };
-        let mut cache = self.lm.new_cache();
+        let mut cache = self.lm.new_cache(s_len);
         let start = pattern.first_step_after_prompt(prompt_len);
         let mut prev = 0;
         let card = self.cfg.lm.card;

@@ -37,11 +37,18 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 /// A plain linear layer `x · Wᵀ (+ b)` for weights stored PyTorch-style as `[out, in]`.
+/// Inputs of a few rows outside autograd (incremental decoding) take a kernel that
+/// reads the weights once (`gemv`).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let w = weight.t()?;
-    let y = match x.rank() {
-        2 => x.matmul(&w)?,
-        _ => x.broadcast_matmul(&w)?,
+    let y = match super::gemv::matmul_t(x, weight)? {
+        Some(y) => y,
+        None => {
+            let w = weight.t()?;
+            match x.rank() {
+                2 => x.matmul(&w)?,
+                _ => x.broadcast_matmul(&w)?,
+            }
+        }
     };
     match bias {
         Some(b) => y.broadcast_add(b),

@@ -182,3 +182,44 @@ impl EmbeddingFile {
         Ok(Self { header, data })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attribution::projector::ProjectorKind;
+
+    #[test]
+    fn header_floats_survive_the_round_trip_exactly() {
+        // Resume and merge compare headers for equality: a duration or a setting read back
+        // one ulp off would refuse a state made with the very same settings.
+        let awkward = [0.1 + 0.2, 29.970000000000002, 1e-7, 2.0f64.sqrt(), -0.011049037799239159, 123456.789e-3];
+        let records = awkward
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| Record {
+                name: format!("r{i}"),
+                prompt: "p".into(),
+                duration: d,
+                seed: i as u64,
+                source: None,
+            })
+            .collect();
+        let header = Header {
+            format_version: FORMAT_VERSION,
+            model: ModelInfo { fingerprint: "f".into(), source: "s".into(), decoder_parameters: 3, lm_parameters: 5 },
+            objective: ObjectiveInfo {
+                name: "generation".into(),
+                settings: serde_json::json!({"temperature": 0.7000000000000001, "guidance_scale": 2.9999999999999996}),
+            },
+            projector: ProjectorSpec::new(ProjectorKind::Sparse, 42, Some(2), 8, 2).unwrap(),
+            shard: None,
+            records,
+        };
+        let file = EmbeddingFile { header, data: (0..12).map(|i| i as f32 * 0.1).collect() };
+        let back = EmbeddingFile::from_bytes(&file.to_bytes().unwrap()).unwrap();
+        assert_eq!(back, file);
+        for (r, &d) in back.header.records.iter().zip(&awkward) {
+            assert_eq!(r.duration.to_bits(), d.to_bits());
+        }
+    }
+}
