@@ -22,7 +22,10 @@ use crate::musicgen::MusicGen;
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Timings {
     pub prepare: f64,
+    /// Both backward passes (codec decoder and LM).
     pub backward: f64,
+    /// The codec decoder's share of `backward`.
+    pub backward_codec: f64,
     pub project: f64,
 }
 
@@ -75,6 +78,7 @@ pub fn for_each_gradient(
     }
     drop(codec);
     timings.backward += t.elapsed().as_secs_f64();
+    timings.backward_codec += t.elapsed().as_secs_f64();
     let t = Instant::now();
     for ((name, _), g) in decoder_params.iter().zip(acc) {
         let g = g.ok_or_else(|| missing(name))?;

@@ -239,7 +239,7 @@ fn bench_gradients(model: &MusicGen, seconds: f64) -> Result<serde_json::Value> 
     Ok(serde_json::json!({
         "audio_seconds": seconds,
         "gradient_numbers": d,
-        "seconds": {"generate": t.prepare, "backward": t.backward, "project": t.project, "total": t.prepare + t.backward + t.project},
+        "seconds": {"generate": t.prepare, "backward": t.backward, "backward_codec": t.backward_codec, "project": t.project, "total": t.prepare + t.backward + t.project},
         "rss_before_bytes": before,
         "peak_rss_bytes": peak,
         "parameters_plus_gradients_bytes": 2 * param_bytes,
@@ -253,18 +253,19 @@ fn print_gradients(grads: &serde_json::Map<String, serde_json::Value>) {
     }
     println!("\ngradient embedding (sparse projection); budget: peak RSS under 2×(θ+∇θ) plus activations");
     println!(
-        "{:<22} {:>8} {:>12} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
-        "model", "audio s", "D", "generate", "backward", "project", "peak RSS", "θ+∇θ", "peak/(θ+∇θ)"
+        "{:<22} {:>8} {:>12} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "model", "audio s", "D", "generate", "backward", "(codec)", "project", "peak RSS", "θ+∇θ", "peak/(θ+∇θ)"
     );
     for (name, r) in grads {
         let s = &r["seconds"];
         println!(
-            "{:<22} {:>8.1} {:>12} {:>9.2}s {:>9.2}s {:>9.2}s {:>10.0}MB {:>10.0}MB {:>10.2}",
+            "{:<22} {:>8.1} {:>12} {:>9.2}s {:>9.2}s {:>9.2}s {:>9.2}s {:>10.0}MB {:>10.0}MB {:>12.2}",
             name,
             r["audio_seconds"].as_f64().unwrap_or(0.0),
             r["gradient_numbers"],
             s["generate"].as_f64().unwrap_or(0.0),
             s["backward"].as_f64().unwrap_or(0.0),
+            s["backward_codec"].as_f64().unwrap_or(0.0),
             s["project"].as_f64().unwrap_or(0.0),
             r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
             r["parameters_plus_gradients_bytes"].as_f64().unwrap_or(0.0) / 1e6,
