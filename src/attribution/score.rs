@@ -7,8 +7,9 @@
 
 use anyhow::{bail, Result};
 use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::solvers::Solve;
-use faer::{Accum, Mat, MatRef, Par, Side};
+use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
 
 /// Rows converted per block when streaming Φ.
 const BLOCK_ROWS: usize = 2048;
@@ -48,7 +49,7 @@ pub fn scores(g: &[f32], m: usize, phi: &[f32], n: usize, k: usize, lambda: f64)
         let phi64 = block_f64(phi, k, 0, n);
         // K = ΦΦᵀ + λI (n×n), A = GΦᵀ (m×n), S = A K⁻¹ = (K⁻¹ Aᵀ)ᵀ (K symmetric).
         let mut kern = Mat::<f64>::zeros(n, n);
-        matmul(kern.as_mut(), Accum::Replace, phi64.as_ref(), phi64.transpose(), 1.0, par());
+        gram_lower(kern.as_mut(), Accum::Replace, phi64.transpose());
         for i in 0..n {
             kern[(i, i)] += lambda;
         }
@@ -64,7 +65,7 @@ pub fn scores(g: &[f32], m: usize, phi: &[f32], n: usize, k: usize, lambda: f64)
         while start < n {
             let len = BLOCK_ROWS.min(n - start);
             let b = block_f64(phi, k, start, len);
-            matmul(gram.as_mut(), Accum::Add, b.transpose(), b.as_ref(), 1.0, par());
+            gram_lower(gram.as_mut(), Accum::Add, b.as_ref());
             start += len;
         }
         for i in 0..k {
@@ -73,6 +74,7 @@ pub fn scores(g: &[f32], m: usize, phi: &[f32], n: usize, k: usize, lambda: f64)
         // Y = M⁻¹ Gᵀ (k×m); S = (Φ Y)ᵀ, computed per block of Φ.
         let mut y = g64.transpose().to_owned();
         let llt = gram.llt(Side::Lower).map_err(|_| not_pd(lambda))?;
+        drop(gram);
         llt.solve_in_place(y.as_mut());
         let mut s = vec![0f64; m * n];
         let mut start = 0;
@@ -90,6 +92,22 @@ pub fn scores(g: &[f32], m: usize, phi: &[f32], n: usize, k: usize, lambda: f64)
         }
         Ok((s, Method::Streamed))
     }
+}
+
+/// `dst (+)= Bᵀ B` on the lower triangle only: the Cholesky factorisation reads no
+/// more, and skipping the upper half halves the dominant cost (n·k² for the Gram).
+fn gram_lower(dst: MatMut<'_, f64>, accum: Accum, b: MatRef<'_, f64>) {
+    triangular::matmul(
+        dst,
+        BlockStructure::TriangularLower,
+        accum,
+        b.transpose(),
+        BlockStructure::Rectangular,
+        b,
+        BlockStructure::Rectangular,
+        1.0,
+        par(),
+    );
 }
 
 fn not_pd(lambda: f64) -> anyhow::Error {
