@@ -36,6 +36,12 @@ pub fn normal(seed: u64, a: u64, b: u64) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
+/// `n` numbers uniform in [−1, 1), fully determined by `seed` (test data, synthetic inputs).
+pub fn symmetric_uniforms(seed: u64, n: usize) -> Vec<f64> {
+    let mut s = Stream::new(seed);
+    (0..n).map(|_| s.uniform() * 2.0 - 1.0).collect()
+}
+
 /// A sequential generator for places that want a stream (weight init, data synthesis),
 /// still fully determined by its seed.
 #[derive(Debug, Clone)]

@@ -187,16 +187,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let data: Vec<f64> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect();
+        let data = crate::rng::symmetric_uniforms(seed, shape.iter().product());
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
 

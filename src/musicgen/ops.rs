@@ -219,16 +219,8 @@ mod tests {
     use super::*;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let data: Vec<f32> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
+        let data: Vec<f32> =
+            crate::rng::symmetric_uniforms(seed, shape.iter().product()).into_iter().map(|x| x as f32).collect();
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
 
