@@ -2,8 +2,10 @@
 //!
 //! The gradient is `[∇_decoder f_codec, ∇_LM f_LM]`: the codec decoder's stored tensors
 //! in model order, then the LM's in model order (see `musicgen::lm` / `musicgen::codec`).
-//! Each part is one forward + backward; each parameter's gradient is projected and
-//! dropped as soon as it is read.
+//! Each part is differentiated layer by layer with recomputation (a graph-free forward
+//! keeps each layer's input; layers are re-run top-down against the gradient arriving
+//! from above), so only one layer's graph is alive at a time. Each parameter's gradient
+//! is projected and dropped as soon as its part is done.
 
 use std::time::Instant;
 
@@ -77,8 +79,9 @@ pub fn for_each_gradient(
         }
     }
     drop(codec);
-    timings.backward += t.elapsed().as_secs_f64();
-    timings.backward_codec += t.elapsed().as_secs_f64();
+    let codec_seconds = t.elapsed().as_secs_f64();
+    timings.backward += codec_seconds;
+    timings.backward_codec += codec_seconds;
     let t = Instant::now();
     for ((name, _), g) in decoder_params.iter().zip(acc) {
         let g = g.ok_or_else(|| missing(name))?;

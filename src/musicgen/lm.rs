@@ -10,8 +10,9 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
+use super::attention::attention;
 use super::config::LmConfig;
-use super::ops::{causal_mask, embedding, layer_norm, linear, sinusoidal_positions, softmax_last};
+use super::ops::{embedding, layer_norm, linear, sinusoidal_positions};
 use super::params::Vb;
 
 /// Layer norm weights.
@@ -60,16 +61,12 @@ impl Attention {
         Ok(linear(x, w, None)?.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
     }
 
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// Attention of `q` over `k`, `v` (causal: the queries are the last positions of the
+    /// keys), heads merged, output projection applied.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
         let (b, _, s, _) = q.dims4()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // Scale q (S×hd) rather than the scores (S×S): one fewer S×S tensor kept for backward.
-        let mut scores = (q * scale)?.matmul(&k.t()?)?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let attn = softmax_last(&scores)?;
-        let out = attn.matmul(v)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
+        let out = attention(q, k, v, scale, causal)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
         Ok(linear(&out, &self.out, None)?)
     }
 
@@ -81,9 +78,7 @@ impl Attention {
         if let Some(cache) = cache {
             (k, v) = cache.append(&k, &v)?;
         }
-        let (s, kv) = (q.dim(2)?, k.dim(2)?);
-        let mask = if s > 1 { Some(causal_mask(s, kv, x.dtype(), x.device())?) } else { None };
-        self.attend(&q, &k, &v, mask.as_ref())
+        self.attend(&q, &k, &v, true)
     }
 
     /// Keys and values of the conditioning memory.
@@ -128,7 +123,7 @@ impl Layer {
                 let normed = self.norm_cross.forward(&h.narrow(0, 0, n)?)?;
                 let q = self.cross_attn.split(&normed, &self.cross_attn.q)?;
                 let (k, v) = (&memory.k, &memory.v);
-                let c = self.cross_attn.attend(&q, k, v, None)?;
+                let c = self.cross_attn.attend(&q, k, v, false)?;
                 let c = if b > n { c.pad_with_zeros(0, 0, b - n)? } else { c };
                 (h + c)?
             }
@@ -152,8 +147,8 @@ pub struct Conditioning {
 }
 
 /// Key/value cache for incremental decoding. Each layer's keys and values live in
-/// buffers sized for the whole window, written in place step by step: copying the
-/// history into a new tensor at every step cost more than the attention itself.
+/// buffers sized for the whole window, written in place step by step, rather than the
+/// whole history being copied into a fresh tensor at every step.
 pub struct LmCache {
     layers: Vec<KvCache>,
     pub len: usize,

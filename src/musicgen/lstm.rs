@@ -11,10 +11,9 @@
 //! The op's inputs are the input projections `X·W_ihᵀ + b_ih + b_hh` (ordinary ops,
 //! which Candle differentiates) and `W_hh`; its output is every hidden state.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::ops::{linear, sigmoid};
+use super::ops::{cpu_storage, cpu_tensor, linear, sigmoid};
 
 /// A single-layer LSTM over `[T, B, I]` input with PyTorch weights (`weight_ih [4H, I]`,
 /// `weight_hh [4H, H]`, biases `[4H]`, gate order i, f, g, o), zero initial state.
@@ -151,40 +150,10 @@ impl CustomOp2 for Recurrence {
     }
 }
 
-/// A CPU storage region viewed as a tensor of its own (copied; the op's inputs are
-/// made contiguous by `lstm_layer`).
-fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    fn view<T: WithDType>(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-        let (start, end) =
-            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("lstm: input is not contiguous".into()))?;
-        Tensor::from_slice(&s.as_slice::<T>()?[start..end], l.shape(), &candle_core::Device::Cpu)
-    }
-    match s.dtype() {
-        DType::F32 => view::<f32>(s, l),
-        DType::F64 => view::<f64>(s, l),
-        DType::F16 => view::<half::f16>(s, l),
-        DType::BF16 => view::<half::bf16>(s, l),
-        dt => candle_core::bail!("lstm: unsupported dtype {dt:?}"),
-    }
-}
-
-fn cpu_storage(t: &Tensor) -> Result<CpuStorage> {
-    fn take<T: WithDType>(t: &Tensor) -> Result<CpuStorage> {
-        Ok(T::to_cpu_storage_owned(t.flatten_all()?.to_vec1::<T>()?))
-    }
-    match t.dtype() {
-        DType::F32 => take::<f32>(t),
-        DType::F64 => take::<f64>(t),
-        DType::F16 => take::<half::f16>(t),
-        DType::BF16 => take::<half::bf16>(t),
-        dt => candle_core::bail!("lstm: unsupported dtype {dt:?}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         let data = crate::rng::symmetric_uniforms(seed, shape.iter().product());

@@ -1,6 +1,7 @@
 //! MusicGen on Candle: loading (audiocraft and transformers layouts, offline), the
 //! T5 / LM / EnCodec parts, and generation.
 
+pub mod attention;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;

@@ -5,7 +5,8 @@
 //! LM and codec-decoder path is therefore composed here from primitive ops that
 //! Candle can differentiate, so that a gradient never silently goes missing.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, Layout, Module, Result, Tensor, WithDType, D};
 
 /// Layer normalisation over the last dimension, composed from primitive ops.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
@@ -212,6 +213,38 @@ pub fn causal_mask(q_len: usize, kv_len: usize, dtype: DType, device: &Device) -
         .flat_map(|i| (0..kv_len).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(data, (q_len, kv_len), device)?.to_dtype(dtype)
+}
+
+/// A CPU storage region viewed as a tensor of its own (copied), for custom ops whose
+/// forward is written with tensor ops. The region must be contiguous.
+pub(crate) fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+    fn view<T: WithDType>(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("custom op: input is not contiguous".into()))?;
+        Tensor::from_slice(&s.as_slice::<T>()?[start..end], l.shape(), &candle_core::Device::Cpu)
+    }
+    match s.dtype() {
+        DType::F32 => view::<f32>(s, l),
+        DType::F64 => view::<f64>(s, l),
+        DType::F16 => view::<half::f16>(s, l),
+        DType::BF16 => view::<half::bf16>(s, l),
+        dt => candle_core::bail!("custom op: unsupported dtype {dt:?}"),
+    }
+}
+
+/// A tensor's values as an owned CPU storage (a custom op's output).
+pub(crate) fn cpu_storage(t: &Tensor) -> Result<CpuStorage> {
+    fn take<T: WithDType>(t: &Tensor) -> Result<CpuStorage> {
+        Ok(T::to_cpu_storage_owned(t.flatten_all()?.to_vec1::<T>()?))
+    }
+    match t.dtype() {
+        DType::F32 => take::<f32>(t),
+        DType::F64 => take::<f64>(t),
+        DType::F16 => take::<half::f16>(t),
+        DType::BF16 => take::<half::bf16>(t),
+        dt => candle_core::bail!("custom op: unsupported dtype {dt:?}"),
+    }
 }
 
 #[cfg(test)]
