@@ -331,7 +331,8 @@ fn bench_dataset() -> Result<serde_json::Value> {
     let tmp = std::env::temp_dir().join(format!("spintrak-bench-{}", std::process::id()));
     let data = tmp.join("data");
     std::fs::create_dir_all(&data)?;
-    let (n, seconds) = (16usize, 2.0f64);
+    // Enough work (several seconds per run) that model loading and start-up do not dominate.
+    let (n, seconds) = (48usize, 4.0f64);
     for i in 0..n {
         std::fs::write(data.join(format!("s{i:02}.wav")), b"audio")?;
         std::fs::write(
