@@ -5,8 +5,8 @@
 //! contributes its own `[4H, H]` weight gradient, and Candle's backward keeps each
 //! of them — and the graph of its running sum — alive until it returns. For the
 //! 1024-wide, 2-layer LSTM of `facebook/encodec_32khz` over 500 frames (10 s) that
-//! was 16 GB. Here the backward keeps the gates and cell states (`[T, B, 5H]`, 10 MB
-//! in that case) and forms `∇W_hh = Σ_t ∂gates_tᵀ · h_{t−1}` as one matmul at the end.
+//! was 16 GB. Here the backward keeps the hidden states, cell states and gates
+//! (`[T, B, 6H]`, 12 MB in that case) and forms `∇W_hh = Σ_t ∂gates_tᵀ · h_{t−1}` as one matmul at the end.
 //!
 //! The op's inputs are the input projections `X·W_ihᵀ + b_ih + b_hh` (ordinary ops,
 //! which Candle differentiates) and `W_hh`; its output is every hidden state.
