@@ -148,16 +148,13 @@ impl Projection {
                                                           // One 64-bit hash per (coordinate, group of four blocks): 16 bits per block,
                                                           // 15 for the row within the block and 1 for the sign. Threads take groups.
                 self.acc.par_chunks_mut(4 * block).enumerate().for_each(|(group, rows)| {
-                    let blocks = rows.len() / block;
-                    for (j, &v) in values.iter().enumerate() {
-                        let h = mix64(key ^ (((offset + j) as u64) << 16 | group as u64));
-                        let v = v as f64;
-                        for b in 0..blocks {
-                            let field = (h >> (16 * b)) & 0xFFFF;
-                            let row = b * block + (((field >> 1) * block as u64) >> 15) as usize;
-                            // Branch-free sign (random signs defeat branch prediction).
-                            rows[row] += f64::from_bits(v.to_bits() ^ ((!field & 1) << 63));
-                        }
+                    // `(index << 16) | group` hashed under `key` = `index << 16` under `key ^ group`.
+                    let (key, first) = (key ^ group as u64, offset as u64);
+                    match rows.len() / block {
+                        4 => sparse_group::<4>(rows, block, key, first, values),
+                        3 => sparse_group::<3>(rows, block, key, first, values),
+                        2 => sparse_group::<2>(rows, block, key, first, values),
+                        _ => sparse_group::<1>(rows, block, key, first, values),
                     }
                 });
             }
@@ -176,6 +173,32 @@ impl Projection {
             ProjectorKind::Sparse => 1.0 / (self.spec.sparsity as f64).sqrt(),
         };
         Ok(self.acc.iter().map(|&a| (a * scale) as f32).collect())
+    }
+}
+
+/// Adds the coordinates `values` (global indices from `first`) into the `N` blocks of
+/// `block` rows that make up `rows`. `key` already carries the group index (low 16 bits).
+/// `N` is a constant so that the per-block work unrolls.
+fn sparse_group<const N: usize>(rows: &mut [f64], block: usize, key: u64, first: u64, values: &[f32]) {
+    debug_assert_eq!(rows.len(), N * block);
+    let mut parts: [&mut [f64]; N] = std::array::from_fn(|_| &mut [][..]);
+    let mut rest = rows;
+    for part in parts.iter_mut() {
+        let (head, tail) = rest.split_at_mut(block);
+        *part = head;
+        rest = tail;
+    }
+    let block = block as u64;
+    for (j, &v) in values.iter().enumerate() {
+        let h = mix64(key ^ ((first + j as u64) << 16));
+        let v = (v as f64).to_bits();
+        for (b, part) in parts.iter_mut().enumerate() {
+            let field = (h >> (16 * b)) & 0xFFFF;
+            // (field >> 1) < 2¹⁵, so the row is below `block`.
+            let row = (((field >> 1) * block) >> 15) as usize;
+            // Branch-free sign (random signs defeat branch prediction).
+            part[row] += f64::from_bits(v ^ ((!field & 1) << 63));
+        }
     }
 }
 
@@ -244,6 +267,32 @@ mod tests {
                     assert!((approx - exact).abs() <= bound, "{kind:?} ({i},{j}): {approx} vs {exact} (bound {bound})");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn sparse_matrix_is_the_documented_one() {
+        // Entry by entry: coordinate i lands in one row of each of the s blocks, chosen with
+        // its sign by 16 bits of mix64(key ^ (i << 16 | group)), groups of four blocks per hash.
+        let d = 300;
+        let v = vector(6, d);
+        for sparsity in [8, 6, 3] {
+            let k = 24 * sparsity;
+            let block = k / sparsity;
+            let spec = ProjectorSpec::new(ProjectorKind::Sparse, 11, Some(k), d, sparsity).unwrap();
+            let key = mix64(11 ^ 0x5350_4152_5345);
+            let mut acc = vec![0f64; k];
+            for (i, &x) in v.iter().enumerate() {
+                for t in 0..sparsity {
+                    let (group, b) = (t / 4, t % 4);
+                    let h = mix64(key ^ ((i as u64) << 16 | group as u64));
+                    let field = (h >> (16 * b)) & 0xFFFF;
+                    let row = t * block + (((field >> 1) as usize * block) >> 15);
+                    acc[row] += if field & 1 == 1 { x as f64 } else { -(x as f64) };
+                }
+            }
+            let want: Vec<f32> = acc.iter().map(|a| (a / (sparsity as f64).sqrt()) as f32).collect();
+            assert_eq!(project(&spec, &v, 97), want, "sparsity {sparsity}");
         }
     }
 
