@@ -145,8 +145,9 @@ impl Projection {
             ProjectorKind::Sparse => {
                 let block = self.spec.k / self.spec.sparsity;
                 let key = mix64(seed ^ 0x5350_4152_5345); // "SPARSE"
-                                                          // One 64-bit hash per (coordinate, group of four blocks): 16 bits per block,
-                                                          // 15 for the row within the block and 1 for the sign. Threads take groups.
+
+                // One 64-bit hash per (coordinate, group of four blocks): 16 bits per block,
+                // 15 for the row within the block and 1 for the sign. Threads take groups.
                 self.acc.par_chunks_mut(4 * block).enumerate().for_each(|(group, rows)| {
                     // `(index << 16) | group` hashed under `key` = `index << 16` under `key ^ group`.
                     let (key, first) = (key ^ group as u64, offset as u64);

@@ -77,12 +77,8 @@ fn run(xi: &Tensor, w_hh: &Tensor, keep_trace: bool) -> Result<Trace> {
             Tensor::stack(v, 0)
         }
     };
-    let empty = || Tensor::zeros((0, b, hidden), xi.dtype(), xi.device());
-    Ok(Trace {
-        h: stack(&hs, hidden)?,
-        c: if keep_trace { stack(&cs, hidden)? } else { empty()? },
-        gates: if keep_trace { stack(&gs, h4)? } else { empty()? },
-    })
+    // Without a trace, `cs` and `gs` are empty and stack to zero-length tensors.
+    Ok(Trace { h: stack(&hs, hidden)?, c: stack(&cs, hidden)?, gates: stack(&gs, h4)? })
 }
 
 /// `(xi [T, B, 4H], W_hh [4H, H]) → h [T, B, H]`.
