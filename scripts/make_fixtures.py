@@ -13,6 +13,18 @@ outputs computed with PyTorch + transformers into tests/fixtures/:
                     audiocraft_mono/audiocraft_full/ has the codec inline
                     (compressed_state_dict.bin). Reference outputs: those of hf_mono.
 
+The EnCodec codebooks are not random: before any reference is computed they are fitted (k-means, residual by
+residual) to the encoder latents of varied synthetic signals, and the script asserts that encoding follows the
+audio (many distinct codes per codebook on held-out signals, different codes for clearly different signals).
+
+reference.safetensors pins (definitions in reference.json): T5 states and conditioning; conditional,
+unconditional and guided LM logits; EnCodec decode; greedy generation; the `generation` objective's scalars and
+gradients (f_lm / grad_lm.*, f_codec / grad_codec.*); EnCodec encoding (nll_audio -> nll_codes, stereo
+channels encoded separately and interleaved); and the `audio-nll` objective on those codes (nll_f,
+nll_per_codebook, grad_nll.*: teacher-forced NLL over 50-frame windows, conditional, no guidance).
+
+Everything is deterministic: running the script twice writes identical files.
+
 Run:  /work/venv/bin/python scripts/make_fixtures.py
 Needs: torch, transformers (5.x), tokenizers, safetensors, numpy, pyyaml.
 """
@@ -59,6 +71,13 @@ T_CODES = 10            # frames decoded by EnCodec for `audio`
 F_GREEDY = 20           # complete frames produced by greedy generation
 SEGMENT_DURATION = 0.05  # seconds; 1000 frames/s -> a 50-frame window
 SAMPLE_RATE = 8000
+NLL_SECONDS = 0.08      # audio for the `audio-nll` reference: 80 frames = windows of 50 + 30
+NLL_SAMPLES = int(round(NLL_SECONDS * SAMPLE_RATE))
+CODEBOOK_TRAIN_SIGNALS = 64     # synthetic signals whose encoder latents the codebooks are fitted to
+CODEBOOK_HELDOUT_SIGNALS = 24   # other signals on which code usage is checked
+KMEANS_ITERS = 25
+MIN_CODE_MARGIN = 2e-4  # nll_audio's latents lie at least this far (latent units) from a code-cell boundary
+MIN_CODE_GAP = 1e-4     # ... and their nearest code is nearer than the second nearest by this much (squared distance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +198,7 @@ def build_model(tokenizer, stereo, seed):
     gen = torch.Generator().manual_seed(seed)
     randomize(model, gen)
     model.eval()
+    code_stats = fit_codebooks(model, seed)
     gc = model.generation_config
     gc.decoder_start_token_id = CARD
     gc.pad_token_id = CARD
@@ -187,7 +207,211 @@ def build_model(tokenizer, stereo, seed):
     gc.do_sample = True
     gc.top_k = 250
     gc.max_length = int(round(SEGMENT_DURATION * cfg.audio_encoder.frame_rate))
-    return model
+    return model, code_stats
+
+
+# ----------------------------------------------------------------------------------------------
+# codebooks fitted to the encoder
+
+
+def synth_signals(gen, n, length, sr):
+    """n varied signals [n, length]: sines, chirps, noise bursts, clicks, mixtures, AM tones, square waves and
+    piecewise-loud noise, with frequencies, amplitudes and phases drawn from `gen`."""
+    t = torch.arange(length, dtype=torch.float64) / sr
+    dur = length / sr
+    nyq = sr / 2
+
+    def u(lo, hi):
+        return lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))
+
+    def logu(lo, hi):
+        return math.exp(u(math.log(lo), math.log(hi)))
+
+    def sine(f, a, ph):
+        return a * torch.sin(2 * math.pi * f * t + ph)
+
+    out = []
+    for i in range(n):
+        kind = i % 8
+        amp = logu(0.03, 0.9)
+        if kind == 0:  # sine
+            x = sine(logu(30, 0.95 * nyq), amp, u(0, 2 * math.pi))
+        elif kind == 1:  # linear chirp
+            f0, f1 = logu(30, 0.95 * nyq), logu(30, 0.95 * nyq)
+            x = amp * torch.sin(2 * math.pi * (f0 * t + (f1 - f0) * t * t / (2 * dur)) + u(0, 2 * math.pi))
+        elif kind == 2:  # noise burst
+            c, w = u(0.1, 0.9) * dur, u(0.05, 0.4) * dur
+            x = amp * torch.randn(length, generator=gen, dtype=torch.float64) * torch.exp(-0.5 * ((t - c) / w) ** 2)
+        elif kind == 3:  # clicks: decaying impulses at a regular period
+            period = int(u(12, 160))
+            start = int(u(0, period))
+            x = torch.zeros(length, dtype=torch.float64)
+            x[start::period] = amp * (1.0 if u(0, 1) < 0.5 else -1.0)
+            x = torch.nn.functional.conv1d(
+                x[None, None], (torch.exp(-torch.arange(8.0, dtype=torch.float64) / u(0.5, 3.0))).flip(0)[None, None],
+                padding=7,
+            )[0, 0, :length]
+        elif kind == 4:  # mixture of two tones and a little noise
+            x = sine(logu(30, 0.95 * nyq), amp, u(0, 6.3)) + sine(logu(30, 0.95 * nyq), u(0.2, 1.0) * amp, u(0, 6.3))
+            x = x + 0.1 * amp * torch.randn(length, generator=gen, dtype=torch.float64)
+        elif kind == 5:  # amplitude-modulated tone
+            x = sine(logu(100, 0.95 * nyq), amp, u(0, 6.3)) * (0.5 + 0.5 * torch.sin(2 * math.pi * logu(20, 200) * t))
+        elif kind == 6:  # square wave
+            x = amp * torch.sign(torch.sin(2 * math.pi * logu(30, 1500) * t + u(0, 6.3)))
+        else:  # noise in segments of different loudness
+            seg = int(u(40, 200))
+            levels = torch.tensor([logu(0.01, 1.0) for _ in range(length // seg + 1)], dtype=torch.float64)
+            x = amp * torch.randn(length, generator=gen, dtype=torch.float64) * levels.repeat_interleave(seg)[:length]
+        out.append(x)
+    return torch.stack(out).to(torch.float32)
+
+
+def kmeans(x, k, iters):
+    """Deterministic k-means on x [N, D] (float64): farthest-point initialisation from the point nearest the
+    mean, then Lloyd iterations; an empty cluster takes the point farthest from its centre."""
+    first = int(((x - x.mean(0)) ** 2).sum(1).argmin())
+    centers = [x[first]]
+    d = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        j = int(d.argmax())
+        centers.append(x[j])
+        d = torch.minimum(d, ((x - x[j]) ** 2).sum(1))
+    c = torch.stack(centers)
+    for _ in range(iters):
+        dist = torch.cdist(x, c) ** 2
+        assign = dist.argmin(1)
+        new = torch.zeros_like(c)
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                new[j] = members.mean(0)
+            else:
+                far = int(dist.gather(1, assign[:, None])[:, 0].argmax())
+                new[j] = x[far]
+                assign[far] = j
+        c = new
+    return c
+
+
+def encoder_frames(model, signals):
+    """Encoder latents of each signal (as one mono channel), concatenated to [N, D]."""
+    with torch.no_grad():
+        z = model.audio_encoder.encoder(signals[:, None, :])  # [n, D, T]
+    return z.permute(0, 2, 1).reshape(-1, z.shape[1])
+
+
+@torch.no_grad()
+def fit_codebooks(model, seed):
+    """Replaces the random codebooks by k-means centres of the encoder's latents of varied synthetic signals,
+    residual by residual (layer q is fitted to what layers < q leave), so that encoding follows the audio."""
+    codec = model.config.audio_encoder
+    train = synth_signals(torch.Generator().manual_seed(500 + seed), CODEBOOK_TRAIN_SIGNALS, NLL_SAMPLES,
+                          codec.sampling_rate)
+    residual = encoder_frames(model, train).to(torch.float64)
+    for layer in model.audio_encoder.quantizer.layers:
+        cb = layer.codebook
+        c = kmeans(residual, CARD, KMEANS_ITERS)
+        cb.embed.copy_(c.to(torch.float32))
+        cb.embed_avg.copy_(c.to(torch.float32))
+        cb.cluster_size.fill_(1.0)
+        cb.inited.fill_(1.0)
+        residual = residual - c[(torch.cdist(residual, c) ** 2).argmin(1)]
+    return check_codes_follow_audio(model, seed)
+
+
+def encode_audio(model, audio):
+    """audio [channels, samples] -> codes [K, T] with transformers' EncodecModel.encode at the model's bandwidth.
+    Stereo: each channel is encoded as mono and the codebooks interleaved [L0, R0, L1, R1, ...] (audiocraft's
+    InterleaveStereoCompressionModel order; transformers decodes codes[0::2] as left and codes[1::2] as right)."""
+    ae = model.audio_encoder
+    bw = ae.config.target_bandwidths[0]
+    assert ae.quantizer.get_num_quantizers_for_bandwidth(bw) == ae.config.num_quantizers
+    with torch.no_grad():
+        per = [ae.encode(audio[ch][None, None], bandwidth=bw).audio_codes for ch in range(audio.shape[0])]
+    for c in per:
+        assert c.shape[:3] == (1, 1, ae.config.num_quantizers), c.shape
+    per = [c[0, 0] for c in per]  # [n_q, T] each
+    if len(per) == 1:
+        return per[0]
+    n_q, t = per[0].shape
+    return torch.stack(per, dim=1).reshape(n_q * len(per), t)
+
+
+@torch.no_grad()
+def quantize_with_margin(model, wav):
+    """Residual quantisation of one channel [samples] redone by hand: the codes [n_q, T], the smallest distance
+    (over frames and layers) from a residual to the boundary of its code's Voronoi cell, i.e. how far a residual
+    must move before another code becomes the nearest, and the smallest gap between the squared distances to the
+    nearest and the second nearest code."""
+    z = model.audio_encoder.encoder(wav[None, None])[0].t()  # [T, D] float32
+    residual = z
+    codes, margin, min_gap = [], float("inf"), float("inf")
+    for layer in model.audio_encoder.quantizer.layers:
+        e = layer.codebook.embed
+        d = (torch.cdist(residual.double(), e.double()) ** 2)  # [T, card]
+        best = d.argmin(1)
+        eb = e.double()[best]  # [T, D]
+        gap = d - d.gather(1, best[:, None])  # >= 0
+        sep = 2 * (e.double()[None, :, :] - eb[:, None, :]).norm(dim=-1)  # [T, card]
+        ratio = gap / sep.clamp_min(1e-30)
+        ratio[torch.arange(len(best)), best] = float("inf")
+        margin = min(margin, float(ratio.min()))
+        min_gap = min(min_gap, float(d.sort(1).values[:, :2].diff(dim=1).min()))
+        codes.append(best)
+        residual = residual - e[best]
+    return torch.stack(codes), margin, min_gap
+
+
+def code_margin(model, audio, codes):
+    """Checks encode_audio's codes against the hand-made quantisation; returns the smallest Voronoi margin and
+    the smallest nearest / second-nearest squared-distance gap over channels, frames and layers."""
+    margins, gaps, per = [], [], []
+    for ch in range(audio.shape[0]):
+        c, m, g = quantize_with_margin(model, audio[ch])
+        per.append(c)
+        margins.append(m)
+        gaps.append(g)
+    n_q, t = per[0].shape
+    ours = per[0] if len(per) == 1 else torch.stack(per, dim=1).reshape(n_q * len(per), t)
+    assert torch.equal(ours, codes), "hand-made quantisation differs from EncodecModel.encode"
+    return min(margins), min(gaps)
+
+
+def check_codes_follow_audio(model, seed):
+    """Asserts that encoding follows the audio; returns the measured statistics."""
+    codec = model.config.audio_encoder
+    sr = codec.sampling_rate
+    held = synth_signals(torch.Generator().manual_seed(900 + seed), CODEBOOK_HELDOUT_SIGNALS, NLL_SAMPLES, sr)
+    codes = [encode_audio(model, h[None]) for h in held]
+    allc = torch.cat(codes, dim=1)  # [n_q, signals * T]
+    distinct = [int(allc[q].unique().numel()) for q in range(allc.shape[0])]
+    assert distinct[0] >= CARD // 4, f"codebook 0 uses only {distinct[0]} codes on held-out audio"
+    assert all(d > 1 for d in distinct), f"a codebook uses a single code: {distinct}"
+    varied = sum(int(c[0].unique().numel() > 1) for c in codes)
+    assert varied >= len(codes) // 2, f"codebook 0 is constant within {len(codes) - varied} of {len(codes)} signals"
+    # two clearly different signals: a low tone and white noise
+    t = torch.arange(NLL_SAMPLES, dtype=torch.float32) / sr
+    tone = 0.5 * torch.sin(2 * math.pi * 220.0 * t)
+    noise = 0.3 * torch.randn(NLL_SAMPLES, generator=torch.Generator().manual_seed(950 + seed))
+    ct, cn = encode_audio(model, tone[None]), encode_audio(model, noise[None])
+    differ = float((ct[0] != cn[0]).float().mean())
+    assert differ >= 0.5, f"tone and noise share codebook-0 codes in {1 - differ:.0%} of the frames"
+    # every residual layer reduces the quantisation error of held-out latents
+    with torch.no_grad():
+        z = model.audio_encoder.encoder(held[:, None, :])  # [n, D, T]
+        err = [float((z ** 2).mean())]
+        for q in range(allc.shape[0]):
+            zq = model.audio_encoder.quantizer.decode(torch.stack(codes, dim=1)[: q + 1])  # [n, D, T]
+            err.append(float(((z - zq) ** 2).mean()))
+    assert all(b < a for a, b in zip(err, err[1:])), f"quantisation error does not fall layer by layer: {err}"
+    return collections.OrderedDict(
+        heldout_signals=len(codes),
+        heldout_frames=int(allc.shape[1]),
+        distinct_codes_per_codebook=distinct,
+        signals_with_varying_codebook0=varied,
+        tone_vs_noise_codebook0_frames_differing=differ,
+        quantisation_mse_by_layers=err,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,8 +493,8 @@ def save_hf(model, tokenizer, folder, legacy_names):
     return list(sd.keys())
 
 
-def check_reload(folder, model, t5_hidden, mask, seq, codes):
-    """The saved folder, loaded back by transformers, gives the same numbers."""
+def check_reload(folder, model, t5_hidden, mask, seq, codes, nll_audio, nll_codes):
+    """The saved folder, loaded back by transformers, gives the same numbers (and the same encoding)."""
     re = MusicgenForConditionalGeneration.from_pretrained(folder).eval()
     with torch.no_grad():
         c0, u0 = lm_logits(model, t5_hidden, mask, seq)
@@ -280,6 +504,8 @@ def check_reload(folder, model, t5_hidden, mask, seq, codes):
     for a, b, what in [(c0, c1, "cond"), (u0, u1, "uncond"), (a0, a1, "audio")]:
         if not torch.equal(a, b):
             raise RuntimeError(f"{folder.name}: reloaded model differs ({what}, rel {rel(a, b):.3g})")
+    if not torch.equal(encode_audio(re, nll_audio), nll_codes):
+        raise RuntimeError(f"{folder.name}: reloaded model encodes nll_audio differently")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,6 +642,10 @@ def references(model, tokenizer, seed):
         assert torch.isfinite(gr).all(), n
         assert gr.abs().max() > 0, f"zero gradient for {n}"
 
+    # the audio-nll objective on encoded audio (same parameter set as grad_lm)
+    nll_tensors, grad_nll, nll_info = nll_references(model, t5_hidden, mask, [n for n, _ in lm_params])
+    assert list(grad_nll) == list(grad_lm)
+
     tensors = collections.OrderedDict(
         input_ids=input_ids,
         t5_hidden=t5_hidden,
@@ -432,16 +662,168 @@ def references(model, tokenizer, seed):
         f_lm=f_lm.detach().reshape(1),
         f_codec=f_codec.detach().reshape(1),
     )
+    tensors.update(nll_tensors)
     info = dict(
         K=K, delays=delays, max_delay=D, S=S_TEACHER, F_teacher=f_teacher, n_q_codec=n_q,
         prompt_ids=ids, f_lm=float(f_lm.detach()), f_codec=float(f_codec.detach()), greedy_max_new_tokens=max_new,
         greedy_min_margin=min(margins), audio_samples=int(audio.shape[-1]),
         greedy_audio_samples=int(greedy_audio.shape[-1]),
     )
-    return tensors, grad_lm, grad_codec, info, (t5_hidden, mask, lm_input, codes)
+    info.update(nll_info)
+    probe = (t5_hidden, mask, lm_input, codes, nll_tensors["nll_audio"], nll_tensors["nll_codes"])
+    return tensors, grad_lm, grad_codec, grad_nll, info, probe
 
 
-def write_reference(folder, model, tensors, grad_lm, grad_codec, info, key_naming, stored_keys, extra_notes):
+def nll_signal(channel, variant, n, sr):
+    """The `nll_audio` waveform of one channel [n]: a sequence of overlapping events (a chirp, a two-tone chord,
+    a noise burst, clicks over a low decaying tone), different per channel; `variant` only reseeds the noise."""
+    t = torch.arange(n, dtype=torch.float64) / sr
+    gen = torch.Generator().manual_seed(7000 + 31 * variant + channel)
+
+    def env(t0, t1, fade=0.002):
+        up = ((t - t0) / fade).clamp(0, 1)
+        down = ((t1 - t) / fade).clamp(0, 1)
+        return (0.5 - 0.5 * torch.cos(math.pi * up)) * (0.5 - 0.5 * torch.cos(math.pi * down))
+
+    def chirp(f0, f1, t0, t1, a):
+        tt = (t - t0).clamp(0, t1 - t0)
+        return a * torch.sin(2 * math.pi * (f0 * tt + (f1 - f0) * tt * tt / (2 * (t1 - t0)))) * env(t0, t1)
+
+    def tone(f, a, ph=0.0):
+        return a * torch.sin(2 * math.pi * f * t + ph)
+
+    noise = torch.randn(n, generator=gen, dtype=torch.float64)
+    clicks = torch.zeros(n, dtype=torch.float64)
+    if channel == 0:
+        x = chirp(150.0, 1800.0, 0.0, 0.026, 0.45)
+        x = x + (tone(330.0, 0.3) + tone(1250.0, 0.15, 1.0)) * env(0.02, 0.045)
+        x = x + 0.3 * noise * env(0.04, 0.056)
+        clicks[int(0.052 * sr)::48] = 0.6
+        low = tone(95.0, 0.5) * torch.exp(-(t - 0.05).clamp_min(0) / 0.015) * env(0.05, 0.08)
+    else:
+        x = chirp(2600.0, 200.0, 0.0, 0.03, 0.35)
+        x = x + 0.25 * torch.sign(tone(150.0, 1.0)) * env(0.025, 0.05)
+        x = x + 0.2 * noise * env(0.045, 0.065)
+        clicks[int(0.058 * sr)::29] = -0.5
+        low = tone(700.0, 0.4) * (0.5 + 0.5 * tone(60.0, 1.0)) * env(0.055, 0.08)
+    decay = torch.exp(-torch.arange(8, dtype=torch.float64) / 1.5).flip(0)
+    clicks = torch.nn.functional.conv1d(clicks[None, None], decay[None, None], padding=7)[0, 0, :n]
+    return (x + clicks + low).to(torch.float32)
+
+
+def choose_nll_audio(model):
+    """nll_audio [channels, samples], its codes [K, T] (transformers' encode) and the smallest Voronoi margin and
+    distance gap of its latents: the first noise variant whose latents are at least MIN_CODE_MARGIN from every
+    code-cell boundary (and MIN_CODE_GAP in squared distance), so that an independent float32 encoder and
+    quantiser give the same codes."""
+    codec = model.config.audio_encoder
+    channels = model.config.decoder.audio_channels
+    hop = int(np.prod(codec.upsampling_ratios))
+    for variant in range(50):
+        audio = torch.stack([nll_signal(ch, variant, NLL_SAMPLES, codec.sampling_rate) for ch in range(channels)])
+        codes = encode_audio(model, audio)
+        assert codes.shape == (model.decoder.num_codebooks, NLL_SAMPLES // hop), codes.shape
+        margin, gap = code_margin(model, audio, codes)
+        if margin >= MIN_CODE_MARGIN and gap >= MIN_CODE_GAP:
+            return audio, codes, margin, gap, variant
+    raise RuntimeError("no nll_audio variant has codes clear of the cell boundaries")
+
+
+def audio_nll(model, t5_hidden, mask, frames, window):
+    """The `audio-nll` objective on frames [K, T]: returns (f, per_codebook [K], window lengths). Per window
+    (consecutive chunks of at most `window` frames) the frames are laid out in the delay pattern, the decoder
+    reads sequence[:, :S-1] (conditional, no guidance) and is scored on sequence[:, 1:] where that is a real code:
+    f_w = (1/K) sum_k mean_p -log softmax(logits[k, p])[target]; f = sum_w (T_w / T) f_w."""
+    K, T = frames.shape
+    delays = delays_of(model)
+    per_codebook = torch.zeros(K)
+    lengths = []
+    for start in range(0, T, window):
+        fw = frames[:, start: start + window]
+        tw = fw.shape[1]
+        seq = delay_sequence(fw, delays, CARD)
+        S = seq.shape[1]
+        inp, target = seq[:, : S - 1], seq[:, 1:]
+        logits = model(encoder_outputs=(t5_hidden,), attention_mask=mask, decoder_input_ids=inp).logits
+        logp = torch.log_softmax(logits.reshape(K, S - 1, CARD), dim=-1)
+        real = target != CARD
+        assert (real.sum(1) == tw).all(), real.sum(1)
+        # real targets are exactly the window's frames, in order, for every codebook
+        for k in range(K):
+            assert torch.equal(target[k][real[k]], fw[k])
+        nll = -logp.gather(-1, target.clamp(max=CARD - 1)[..., None])[..., 0]
+        per_k = (nll * real).sum(1) / real.sum(1)
+        # transformers' own per-codebook cross-entropy (labels [1, S-1, K], the special token ignored) agrees
+        with torch.no_grad():
+            ref = model(
+                encoder_outputs=(t5_hidden,), attention_mask=mask, decoder_input_ids=inp, labels=target.t()[None]
+            ).loss
+        mine = float(per_k.detach().mean())
+        assert abs(float(ref) - mine) < 1e-5 * max(1.0, abs(float(ref))), (float(ref), mine)
+        per_codebook = per_codebook + (tw / T) * per_k
+        lengths.append(tw)
+    assert sum(lengths) == T
+    return per_codebook.mean(), per_codebook, lengths
+
+
+def nll_references(model, t5_hidden, mask, lm_names):
+    """nll_audio / nll_codes / nll_f / nll_per_codebook and d nll_f / d (LM parameters)."""
+    codec = model.config.audio_encoder
+    hop = int(np.prod(codec.upsampling_ratios))
+    window = int(round(SEGMENT_DURATION * codec.frame_rate))
+    audio, codes, margin, gap, variant = choose_nll_audio(model)
+    T = codes.shape[1]
+    assert T == NLL_SAMPLES // hop == audio.shape[1] // hop == 80, (T, audio.shape)
+    if audio.shape[0] == 2:
+        assert rel(audio[0], audio[1]) > 0.5, "left and right are too alike"
+        assert not torch.equal(codes[0::2], codes[1::2])
+    distinct = [int(codes[k].unique().numel()) for k in range(codes.shape[0])]
+    assert distinct[0] >= 4, f"nll_audio's first codebook takes only {distinct[0]} values"
+
+    params = dict(model.named_parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in lm_names:
+        params[n].requires_grad_(True)
+    f, per_codebook, lengths = audio_nll(model, t5_hidden, mask, codes, window)
+    f.backward()
+    grads = collections.OrderedDict((n, params[n].grad.detach().clone()) for n in lm_names)
+    for n in lm_names:
+        params[n].requires_grad_(False)
+        params[n].grad = None
+    for n, g in grads.items():
+        assert torch.isfinite(g).all(), n
+        assert g.abs().max() > 0, f"zero nll gradient for {n}"
+    # eager attention: same value
+    with torch.no_grad():
+        for sub in (model.decoder, model.text_encoder):
+            sub.config._attn_implementation = "eager"
+        fe, pe, _ = audio_nll(model, t5_hidden, mask, codes, window)
+        for sub in (model.decoder, model.text_encoder):
+            sub.config._attn_implementation = "sdpa"
+    assert rel(pe, per_codebook.detach()) < 1e-5 and abs(float(fe) - float(f.detach())) < 1e-5, float(fe)
+    assert abs(float(f.detach()) - float(per_codebook.detach().mean())) < 1e-6
+    tensors = collections.OrderedDict(
+        nll_audio=audio,
+        nll_codes=codes,
+        nll_f=f.detach().reshape(1),
+        nll_per_codebook=per_codebook.detach(),
+    )
+    info = collections.OrderedDict(
+        nll_f=float(f.detach()),
+        nll_window_frames=window,
+        nll_windows=lengths,
+        nll_frames=T,
+        nll_audio_variant=variant,
+        nll_min_code_margin=margin,
+        nll_min_code_gap=gap,
+        nll_distinct_codes_per_row=distinct,
+    )
+    return tensors, grads, info
+
+
+def write_reference(folder, model, tensors, grad_lm, grad_codec, grad_nll, info, code_stats, key_naming, stored_keys,
+                    extra_notes):
     out = collections.OrderedDict()
     for k, v in tensors.items():
         out[k] = v.contiguous()
@@ -450,6 +832,8 @@ def write_reference(folder, model, tensors, grad_lm, grad_codec, info, key_namin
         out["grad_lm." + k] = v.contiguous()
     for k, v in rename(grad_codec).items():
         out["grad_codec." + k] = v.contiguous()
+    for k, v in rename(grad_nll).items():
+        out["grad_nll." + k] = v.contiguous()
     for k in out:
         if k.startswith("grad_"):
             assert k.split(".", 1)[1] in stored_keys, k
@@ -480,6 +864,10 @@ def write_reference(folder, model, tensors, grad_lm, grad_codec, info, key_namin
     doc["codec_num_quantizers"] = info["n_q_codec"]
     doc["f_lm"] = info["f_lm"]
     doc["f_codec"] = info["f_codec"]
+    doc["nll_f"] = info["nll_f"]
+    doc["nll_window_frames"] = info["nll_window_frames"]
+    doc["nll_windows"] = info["nll_windows"]
+    doc["nll_frames"] = info["nll_frames"]
     doc["key_naming"] = key_naming
     doc["tensors"] = collections.OrderedDict(
         (k, {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")})
@@ -536,6 +924,54 @@ def write_reference(folder, model, tensors, grad_lm, grad_codec, info, key_namin
             "grad_codec.<name>: d f_codec / d parameter for every parameter under `audio_encoder.decoder.` "
             "(weight-norm g and v as stored, conv biases, LSTM weights and biases)"
         ),
+        nll_audio=(
+            f"[channels, {NLL_SAMPLES}] float32 waveform at sample_rate ({NLL_SECONDS} s): overlapping synthetic "
+            "events (chirp, two-tone chord, noise burst, clicks over a low tone), different per channel; not one of "
+            "the signals the codebooks were fitted to"
+        ),
+        nll_codes=(
+            "[K, T] int64, T = samples / hop_length = 80: EncodecModel.encode(nll_audio[None], bandwidth="
+            "target_bandwidths[0]).audio_codes[0, 0] (encoder -> residual VQ: at each layer the code whose embed is "
+            "nearest in squared Euclidean distance to what the previous layers left). Stereo: each channel encoded "
+            "as mono, rows interleaved [L0, R0, L1, R1, L2, R2, L3, R3] (row 2q+c = channel c, codebook q), the "
+            "order audiocraft's InterleaveStereoCompressionModel uses and transformers' decode reads back "
+            "(codes[0::2] left, codes[1::2] right). Every latent lies at least "
+            f"{MIN_CODE_MARGIN:g} (latent units; measured: {info['nll_min_code_margin']:.3g}) from the boundary "
+            "of its code's nearest-neighbour cell at every layer, and its nearest code is nearer than the second "
+            f"nearest by at least {MIN_CODE_GAP:g} in squared distance (measured: {info['nll_min_code_gap']:.3g}), "
+            "so float32 rounding (about 1e-6 on the latents) cannot change a code"
+        ),
+        nll_f=(
+            "audio-nll objective on nll_codes, text conditioned on `prompt` (t5_hidden, attention mask ones), "
+            "conditional only (no guidance, no null condition), teacher forcing. The T frames are cut into "
+            f"consecutive windows of at most W = round(segment_duration * frame_rate) = {info['nll_window_frames']} "
+            f"frames (here {info['nll_windows']}). Per window w with T_w frames: seq = the delay-pattern layout of "
+            "its frames [K, S], S = T_w + max_delay + 1 (as lm_input: start column of card, codebook k shifted by "
+            "delays[k], card elsewhere); decoder input = seq[:, :S-1] (decoder positions restart at 0 in every "
+            "window; no context from the previous window), target at input position p = seq[:, p+1]; real positions "
+            "= those whose target is not card (exactly T_w per codebook: the window's frames); "
+            "f_w = (1/K) sum_k mean_{real p} -log_softmax(logits_cond[k, p])[target]. "
+            "nll_f = sum_w (T_w / T) f_w. Equal to transformers' own loss (labels = target, card ignored) per window"
+        ),
+        nll_per_codebook=(
+            "[K]: sum_w (T_w / T) * mean_{real p} -log_softmax(logits_cond[k, p])[target] (codebook k's mean NLL, "
+            "frame-weighted over windows); nll_f = mean(nll_per_codebook)"
+        ),
+        grad_nll=(
+            "grad_nll.<name>: d nll_f / d parameter, for the same parameters (and names) as grad_lm: every parameter "
+            "whose name starts with `decoder.` or `enc_to_dec_proj.`. T5 frozen (t5_hidden computed without grad); "
+            "no codec parameter is involved (the codes are fixed integers)"
+        ),
+    )
+    doc["codebooks"] = collections.OrderedDict(
+        about=(
+            "the EnCodec codebooks (quantizer.layers.q.codebook.embed = embed_avg, cluster_size 1, inited 1) are not "
+            f"random: k-means ({KMEANS_ITERS} Lloyd iterations, farthest-point initialisation) of the encoder latents "
+            f"of {CODEBOOK_TRAIN_SIGNALS} synthetic signals of {NLL_SECONDS} s (sines, chirps, noise bursts, clicks, "
+            "mixtures, AM tones, square waves, noise of varying loudness), layer q fitted to the residuals layers < q "
+            "leave; done before any reference was computed (decode, greedy and gradient references use them)"
+        ),
+        heldout_check=code_stats,
     )
     doc["generation"] = collections.OrderedDict(
         max_new_tokens=info["greedy_max_new_tokens"],
@@ -576,6 +1012,10 @@ COMMON_NOTES = [
     "ELU, ConvTranspose, resblock [ELU, conv k=3 dilation 1 (dim->dim/2), ELU, conv k=1 (dim/2->dim)] + shortcut "
     "(identity, or 1x1 conv if use_conv_shortcut); ELU, conv(filters->1, k=7). No final activation",
     "quantizer decode: sum over q of embedding lookup in quantizer.layers.q.codebook.embed [card, codebook_dim]",
+    "EnCodec encoder: conv(1->filters, k=7), then per ratio in REVERSED order: resblock, ELU, conv(k=2r, stride r, "
+    "dim->2*dim); LSTM (2 layers, output + input skip), ELU, conv(->hidden, k=last_kernel_size); same padding rules. "
+    "Quantizer encode (bandwidth target_bandwidths[0] -> all n_q layers): residual = latent; per layer q: "
+    "code = argmin_j ||residual - embed_q[j]||^2, residual -= embed_q[code]",
 ]
 
 
@@ -802,7 +1242,7 @@ def save_state_dict_file(path, sd):
     save_file(collections.OrderedDict((k, v.contiguous()) for k, v in sd.items()), path, metadata={"format": "pt"})
 
 
-def write_audiocraft(model, tokenizer, folder, hf_keys):
+def write_audiocraft(model, tokenizer, folder, hf_keys, nll_audio, nll_codes):
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -835,6 +1275,14 @@ def write_audiocraft(model, tokenizer, folder, hf_keys):
 
     enc_hash = write_hub_repo(hub, "facebook/encodec_32khz",
                               {"config.json": write_encodec_config, "model.safetensors": write_encodec_weights})
+    # the snapshot holds the encoder and the fitted codebooks: transformers loads it and encodes nll_audio alike
+    snap = hub / "models--facebook--encodec_32khz" / "snapshots" / enc_hash
+    snap_sd = load_file(snap / "model.safetensors")
+    assert any(k.startswith("encoder.") for k in snap_sd) and any(k.startswith("quantizer.") for k in snap_sd)
+    reloaded = transformers.EncodecModel.from_pretrained(snap).eval()
+    with torch.no_grad():
+        snap_codes = reloaded.encode(nll_audio[None], bandwidth=reloaded.config.target_bandwidths[0]).audio_codes
+    assert torch.equal(snap_codes[0, 0], nll_codes), "hub EnCodec snapshot encodes nll_audio differently"
 
     t5cfg = T5Config.from_dict(model.config.text_encoder.to_dict())
     t5cfg.is_encoder_decoder = True
@@ -880,6 +1328,9 @@ def write_audiocraft(model, tokenizer, folder, hf_keys):
     }
     assert len(convtr) == len(model.config.audio_encoder.upsampling_ratios)
     codec_sd, codec_map = hf_to_audiocraft_codec(sd, convtr)
+    # encoder, decoder and quantizer (every EnCodec tensor, codebooks included) are inline
+    assert sorted(codec_map) == sorted(k for k in sd if k.startswith("audio_encoder.")), "codec tensors left out"
+    assert any(k.startswith("encoder.model.") for k in codec_sd) and any(k.startswith("quantizer.vq.") for k in codec_sd)
     torch.save({"best_state": codec_sd, "xp.cfg": to_yaml(audiocraft_codec_cfg(model)), "version": "1.0",
                 "exported": True}, full / "compressed_state_dict.bin")
 
@@ -948,10 +1399,11 @@ def main():
 
     summary = {}
     for name, stereo, seed, legacy in [("hf_mono", False, 0, False), ("hf_stereo", True, 1, True)]:
-        model = build_model(tokenizer, stereo, seed)
+        model, code_stats = build_model(tokenizer, stereo, seed)
+        print(name, "codes on held-out audio:", json.dumps(code_stats))
         folder = OUT / name
         stored = save_hf(model, tokenizer, folder, legacy_names=legacy)
-        tensors, grad_lm, grad_codec, info, probe = references(model, tokenizer, seed)
+        tensors, grad_lm, grad_codec, grad_nll, info, probe = references(model, tokenizer, seed)
         check_reload(folder, model, *probe)
         key_naming = "weight_g/weight_v" if legacy else "parametrizations.weight.original0/original1"
         notes = list(COMMON_NOTES)
@@ -961,16 +1413,22 @@ def main():
                "`<conv>.parametrizations.weight.original0` (g) / `.original1` (v)")
             + "; grad_codec.* use the same names"
         )
+        notes.append(
+            "audio-nll: nll_f / nll_per_codebook / grad_nll.* are the objective on nll_codes = encode(nll_audio) "
+            "(definitions above); the reference is computed with autograd through the full transformers model "
+            "(forward with encoder_outputs=(t5_hidden,), attention_mask ones, decoder_input_ids = each window's input)"
+        )
         if stereo:
             notes.append(
                 "stereo: 8 decoder codebooks interleaved [L0, R0, L1, R1, L2, R2, L3, R3]; delays [0,0,1,1,2,2,3,3]; "
                 "one mono EnCodec decodes codes[0::2] (left) and codes[1::2] (right); audio = cat([left, right], channel dim)"
             )
-        write_reference(folder, model, tensors, grad_lm, grad_codec, info, key_naming, stored, notes)
+        write_reference(folder, model, tensors, grad_lm, grad_codec, grad_nll, info, code_stats, key_naming, stored,
+                        notes)
         summary[name] = info
         print(name, json.dumps({k: v for k, v in info.items() if k != "prompt_ids"}))
         if name == "hf_mono":
-            write_audiocraft(model, tokenizer, OUT / "audiocraft_mono", stored)
+            write_audiocraft(model, tokenizer, OUT / "audiocraft_mono", stored, probe[-2], probe[-1])
 
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"fixtures: {total / 1e6:.2f} MB in {OUT}")

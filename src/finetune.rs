@@ -4,7 +4,7 @@
 //! condition dropped now and then (so guidance keeps working), AdamW.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::ProgressBar;
 
@@ -29,6 +29,7 @@ pub struct FinetuneOptions {
 }
 
 /// One encoded training example.
+#[derive(Clone)]
 pub struct EncodedExample {
     pub name: String,
     pub t5: Tensor,
@@ -48,7 +49,8 @@ pub fn encode_dataset(model: &MusicGen, input: &std::path::Path) -> Result<Vec<E
     for ex in &ds.examples {
         let (description, _) = ex.read_description(None)?;
         let (channels, rate) = read_audio(&ex.audio)?;
-        let channels = to_model_format(channels, rate, model.cfg.sample_rate() as u32, model.cfg.audio_channels);
+        let channels = to_model_format(channels, rate, model.cfg.sample_rate() as u32, model.cfg.audio_channels)
+            .with_context(|| ex.rel_path.clone())?;
         let len = channels[0].len();
         let audio = Tensor::from_vec(channels.concat(), (model.cfg.audio_channels, len), &Device::Cpu)?;
         let codes = model.codec.encode(&encoder, &audio, model.cfg.audio_channels)?;
@@ -61,37 +63,10 @@ pub fn encode_dataset(model: &MusicGen, input: &std::path::Path) -> Result<Vec<E
     Ok(out)
 }
 
-/// Mean per-codebook cross-entropy of `frames` under the LM, over the delay pattern's
-/// valid positions; `conditioned` picks the text or the null condition.
+/// Mean per-codebook cross-entropy of `frames` under the LM (MusicGen's training loss,
+/// `musicgen::loss`); `conditioned` picks the text or the null condition.
 pub fn nll(model: &MusicGen, lm: &Lm, t5: &Tensor, frames: &[Vec<u32>], conditioned: bool) -> Result<Tensor> {
-    let pattern = model.pattern();
-    let (k, t) = (frames.len(), frames[0].len());
-    let steps = pattern.build(frames);
-    let s = steps[0].len();
-    let input: Vec<u32> = steps.iter().flat_map(|r| r[..s - 1].iter().copied()).collect();
-    // Targets at the pattern's special positions are masked out; 0 keeps gather in range.
-    let card = model.cfg.lm.card as u32;
-    let target: Vec<u32> =
-        steps.iter().flat_map(|r| r[1..].iter().map(move |&x| if x >= card { 0 } else { x })).collect();
-    let mask: Vec<f32> = (0..k)
-        .flat_map(|q| (1..s).map(move |p| (q, p)))
-        .map(|(q, p)| if pattern.frame_at(q, p, t).is_some() { 1.0 } else { 0.0 })
-        .collect();
-    let dev = &model.device;
-    let input = Tensor::from_vec(input, (1, k, s - 1), dev)?;
-    let target = Tensor::from_vec(target, (k, s - 1, 1), dev)?;
-    let mask = Tensor::from_vec(mask, (k, s - 1), dev)?.to_dtype(lm_dtype(model))?;
-    let states = lm.project_condition(t5)?;
-    let cond = lm.conditioning(&states, usize::from(conditioned))?;
-    let logits = lm.forward(&input, &cond, None)?.squeeze(0)?; // [K, S-1, card]
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = logp.gather(&target, D::Minus1)?.squeeze(D::Minus1)?; // [K, S-1]
-    let per_codebook = ((picked * &mask)?.sum(1)? / mask.sum(1)?)?;
-    Ok(per_codebook.mean_all()?.neg()?)
-}
-
-fn lm_dtype(model: &MusicGen) -> candle_core::DType {
-    model.lm_params.dtype()
+    Ok(crate::musicgen::loss::window_nll(model, lm, t5, frames, conditioned)?.0)
 }
 
 /// Trains the LM in place; returns the loss of every step.

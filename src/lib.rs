@@ -13,3 +13,4 @@ pub mod musicgen;
 pub mod parallel;
 pub mod rng;
 pub mod store;
+pub mod validate;

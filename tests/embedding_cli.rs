@@ -79,7 +79,7 @@ print(json.dumps({"shape": list(emb.shape), "dtype": str(emb.dtype), "sum": floa
     let header: spintrak::store::Header = serde_json::from_value(v["header"].clone()).unwrap();
     assert_eq!(header, file.header);
     assert_eq!(header.records[0].prompt, "calm ocean waves");
-    assert_eq!(header.objective.name, "generation");
+    assert_eq!(header.objective.name, "audio-nll");
 }
 
 #[test]

@@ -32,10 +32,13 @@ fn err(o: &Output) -> String {
 
 fn two_songs(dir: &Path) {
     std::fs::create_dir_all(dir.join("data")).unwrap();
-    std::fs::write(dir.join("data/rock.wav"), b"x").unwrap();
+    let sr = 8000;
+    let rock = spintrak::demo::rock_ballad(sr, 2.0);
+    spintrak::audio::write_wav(&dir.join("data/rock.wav"), &[rock], sr).unwrap();
     std::fs::write(dir.join("data/rock.json"), r#"{"description": "Moody alternative rock ballad", "duration": 30}"#)
         .unwrap();
-    std::fs::write(dir.join("data/salsa.wav"), b"x").unwrap();
+    let salsa = spintrak::demo::salsa_groove(sr, 2.0);
+    spintrak::audio::write_wav(&dir.join("data/salsa.wav"), &[salsa], sr).unwrap();
     std::fs::write(dir.join("data/salsa.json"), r#"{"description": "Lively salsa groove", "duration": 30}"#).unwrap();
 }
 

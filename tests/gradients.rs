@@ -34,7 +34,7 @@ fn gradients_match_central_finite_differences_over_windows() {
     // teacher forcing and the 1/T normalisation are both exercised.
     let model = tiny_f64(0.4);
     let obj = objective(0.24);
-    let ex = Example { name: "x".into(), prompt: "slow sad piano".into(), duration: 0.7, seed: 3, source: None };
+    let ex = Example::generated("x", "slow sad piano", 0.7, 3);
     let prepared = obj.prepare(&model, &ex, None).unwrap();
     assert_eq!(prepared.generation.windows.len(), 3); // windows at 0, 0.24 and 0.48 s
     let mut grads: Vec<(String, Vec<f64>)> = Vec::new();
@@ -84,7 +84,7 @@ fn gradients_match_central_finite_differences_over_windows() {
 fn gradient_order_is_decoder_then_lm_and_covers_every_parameter() {
     let model = tiny::build(1234, &Device::Cpu).unwrap();
     let obj = objective(6.0);
-    let ex = Example { name: "x".into(), prompt: "rock".into(), duration: 0.3, seed: 1, source: None };
+    let ex = Example::generated("x", "rock", 0.3, 1);
     let prepared = obj.prepare(&model, &ex, None).unwrap();
     let mut names = Vec::new();
     let mut total = 0;
@@ -94,7 +94,7 @@ fn gradient_order_is_decoder_then_lm_and_covers_every_parameter() {
         Ok(())
     })
     .unwrap();
-    let (dec, lm) = spintrak::attribution::gradient_dim(&model);
+    let (dec, lm) = spintrak::attribution::gradient_dim(&model, &obj);
     assert_eq!(total, dec + lm);
     let first_lm = names.iter().position(|n| !n.starts_with("decoder.")).unwrap();
     assert!(names[..first_lm].iter().all(|n| n.starts_with("decoder.")));

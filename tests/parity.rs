@@ -99,10 +99,11 @@ fn check_model(model: &MusicGen, r: &HashMap<String, Tensor>, label: &str) {
 }
 
 fn prepared(frames: Vec<Vec<u32>>, t5: &Tensor) -> Prepared {
-    Prepared {
-        generation: Generation { frames: frames.clone(), windows: vec![Window { prompt_len: 0, frames }] },
-        t5: t5.clone(),
-    }
+    Prepared::new(
+        Generation { frames: frames.clone(), windows: vec![Window { prompt_len: 0, frames }] },
+        t5.clone(),
+        0.0,
+    )
 }
 
 fn check_gradients(model: &MusicGen, r: &HashMap<String, Tensor>, label: &str, t5: &Tensor) {

@@ -40,9 +40,14 @@ fn dataset(root: &Path, n: usize, seconds: f64) {
     }
 }
 
+// These tests exercise the walk's machinery (jobs, shards, resume, failures) on files that
+// are not real audio; the generation objective never reads them. audio-nll on real audio is
+// tested in tests/provenance.rs.
 fn train(input: &Path, output: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut args = vec![
         "generate-training-dataset-parallel",
+        "--objective",
+        "generation",
         "--input",
         input.to_str().unwrap(),
         "--output",
@@ -98,6 +103,8 @@ fn kill_dash_nine_then_resume_is_byte_identical() {
     let mut child = bin()
         .args([
             "generate-training-dataset-parallel",
+            "--objective",
+            "generation",
             "--input",
             data.to_str().unwrap(),
             "--output",
@@ -230,7 +237,8 @@ fn bad_arguments_fail_with_a_message() {
         (vec!["--input".into(), tmp.path().join("nope").display().to_string()], "no such directory"),
     ];
     for (args, needle) in cases {
-        let mut full = vec!["generate-training-dataset-parallel".to_string()];
+        let mut full =
+            vec!["generate-training-dataset-parallel".to_string(), "--objective".into(), "generation".into()];
         full.extend(args);
         full.extend(["--output".to_string(), out.display().to_string()]);
         let refs: Vec<&str> = full.iter().map(String::as_str).collect();

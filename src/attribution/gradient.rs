@@ -2,6 +2,7 @@
 //!
 //! The gradient is `[∇_decoder f_codec, ∇_LM f_LM]`: the codec decoder's stored tensors
 //! in model order, then the LM's in model order (see `musicgen::lm` / `musicgen::codec`).
+//! Objectives without a codec part (`audio-nll`) give `∇_LM f` alone.
 //! Each part is differentiated layer by layer with recomputation (a graph-free forward
 //! keeps each layer's input; layers are re-run top-down against the gradient arriving
 //! from above), so only one layer's graph is alive at a time. Each parameter's gradient
@@ -9,7 +10,7 @@
 
 use std::time::Instant;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use indicatif::ProgressBar;
@@ -36,9 +37,14 @@ pub fn decoder_params(model: &MusicGen) -> Vec<(String, Var)> {
     model.codec_params.params().into_iter().filter(|(n, _)| n.starts_with("decoder.")).collect()
 }
 
-/// Gradient length D = decoder parameters + LM parameters.
-pub fn gradient_dim(model: &MusicGen) -> (usize, usize) {
-    let dec: usize = decoder_params(model).iter().map(|(_, v)| v.elem_count()).sum();
+/// Gradient length D = decoder parameters (when the objective has a codec part) + LM
+/// parameters.
+pub fn gradient_dim(model: &MusicGen, objective: &dyn Objective) -> (usize, usize) {
+    let dec: usize = if objective.differentiates_codec() {
+        decoder_params(model).iter().map(|(_, v)| v.elem_count()).sum()
+    } else {
+        0
+    };
     (dec, model.lm_params.num_scalars())
 }
 
@@ -50,7 +56,37 @@ pub fn for_each_gradient(
     timings: &mut Timings,
     mut sink: impl FnMut(&str, &Tensor) -> Result<()>,
 ) -> Result<()> {
-    // Part 1: codec decoder, channel by channel, layer by layer.
+    if objective.differentiates_codec() {
+        codec_gradients(model, objective, prepared, timings, &mut sink)?;
+    }
+
+    // Part 2: LM, one window at a time, layer by layer (gradients summed).
+    let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
+    let params = model.lm_params.params();
+    let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
+    for part in 0..objective.lm_parts(prepared) {
+        let t = Instant::now();
+        lm_part_gradients(model, &lm, objective, prepared, part, &params, &mut acc)?;
+        timings.backward += t.elapsed().as_secs_f64();
+    }
+    drop(lm);
+    let t = Instant::now();
+    for ((name, _), g) in params.iter().zip(acc) {
+        let g = g.ok_or_else(|| missing(name))?;
+        sink(name, &g)?;
+    }
+    timings.project += t.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// Part 1: the codec decoder, channel by channel, layer by layer.
+fn codec_gradients(
+    model: &MusicGen,
+    objective: &dyn Objective,
+    prepared: &Prepared,
+    timings: &mut Timings,
+    sink: &mut impl FnMut(&str, &Tensor) -> Result<()>,
+) -> Result<()> {
     let t = Instant::now();
     let decoder_params = decoder_params(model);
     let codec = Codec::new(&model.cfg.codec, model.codec_params.vb(false))?;
@@ -84,23 +120,6 @@ pub fn for_each_gradient(
     timings.backward_codec += codec_seconds;
     let t = Instant::now();
     for ((name, _), g) in decoder_params.iter().zip(acc) {
-        let g = g.ok_or_else(|| missing(name))?;
-        sink(name, &g)?;
-    }
-    timings.project += t.elapsed().as_secs_f64();
-
-    // Part 2: LM, one window at a time, layer by layer (gradients summed).
-    let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
-    let params = model.lm_params.params();
-    let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
-    for part in 0..objective.lm_parts(prepared) {
-        let t = Instant::now();
-        lm_part_gradients(model, &lm, objective, prepared, part, &params, &mut acc)?;
-        timings.backward += t.elapsed().as_secs_f64();
-    }
-    drop(lm);
-    let t = Instant::now();
-    for ((name, _), g) in params.iter().zip(acc) {
         let g = g.ok_or_else(|| missing(name))?;
         sink(name, &g)?;
     }
@@ -186,7 +205,7 @@ fn missing(name: &str) -> anyhow::Error {
     anyhow!("no gradient reached parameter `{name}`: the differentiable path is broken there")
 }
 
-/// Embeds one example: prepare (generate), differentiate, project.
+/// Embeds one example: prepare (encode or generate), differentiate, project.
 pub fn embed(
     model: &MusicGen,
     objective: &dyn Objective,
@@ -194,10 +213,32 @@ pub fn embed(
     example: &Example,
     progress: Option<&ProgressBar>,
 ) -> Result<(Vec<f32>, Prepared, Timings)> {
-    let mut timings = Timings::default();
     let t = Instant::now();
     let prepared = objective.prepare(model, example, progress)?;
-    timings.prepare = t.elapsed().as_secs_f64();
+    let prepare = t.elapsed().as_secs_f64();
+    let (embedding, prepared, mut timings) = embed_prepared(model, objective, spec, prepared)
+        .map_err(|e| e.context(format!("embedding `{}`", example.name)))?;
+    timings.prepare = prepare;
+    Ok((embedding, prepared, timings))
+}
+
+/// Differentiates and projects an example already prepared.
+pub fn embed_prepared(
+    model: &MusicGen,
+    objective: &dyn Objective,
+    spec: &ProjectorSpec,
+    prepared: Prepared,
+) -> Result<(Vec<f32>, Prepared, Timings)> {
+    let mut timings = Timings::default();
+    let (dec, lm) = gradient_dim(model, objective);
+    if spec.d != dec + lm {
+        bail!(
+            "the projection is for D = {} numbers but the `{}` objective's gradient has {}",
+            spec.d,
+            objective.info().name,
+            dec + lm
+        );
+    }
     let mut projection = spec.start();
     let mut offset = 0usize;
     for_each_gradient(model, objective, &prepared, &mut timings, |_, g| {
@@ -206,5 +247,9 @@ pub fn embed(
         offset += values.len();
         Ok(())
     })?;
-    Ok((projection.finish()?, prepared, timings))
+    let embedding = projection.finish()?;
+    if let Some(bad) = embedding.iter().position(|x| !x.is_finite()) {
+        bail!("the gradient is not finite (entry {bad} of the embedding): the model or the input holds NaN or infinite values");
+    }
+    Ok((embedding, prepared, timings))
 }

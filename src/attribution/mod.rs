@@ -7,5 +7,5 @@ pub mod projector;
 pub mod score;
 
 pub use gradient::{embed, for_each_gradient, gradient_dim, Timings};
-pub use objective::{Example, GenerationObjective, Objective, Prepared};
+pub use objective::{AudioInput, AudioNllObjective, Example, GenerationObjective, Objective, ObjectiveKind, Prepared};
 pub use projector::{ProjectorKind, ProjectorSpec};

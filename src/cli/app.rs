@@ -35,8 +35,10 @@ pub enum Command {
     Experiment4Results(super::experiments::ExperimentResultsArgs),
     Score(super::experiments::Score),
     Attribute(super::experiments::Attribute),
+    Loss(super::loss::Loss),
     Finetune(super::finetune::Finetune),
     InitModel(super::init_model::InitModel),
+    Validate(super::validate::Validate),
     Bench(super::bench::Bench),
     Demo(super::demo::Demo),
 }
@@ -91,8 +93,10 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         Command::Experiment4Results(c) => c.run(Experiment::Four),
         Command::Score(c) => c.run(),
         Command::Attribute(c) => c.run(),
+        Command::Loss(c) => c.run(),
         Command::Finetune(c) => c.run(),
         Command::InitModel(c) => c.run(),
+        Command::Validate(c) => c.run(),
         Command::Bench(c) => c.run(),
         Command::Demo(c) => c.run(),
     }

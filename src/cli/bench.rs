@@ -221,22 +221,38 @@ fn bench_gradients(model: &MusicGen, seconds: f64) -> Result<serde_json::Value> 
         extend_stride: model.default_extend_stride(),
     };
     let objective = GenerationObjective::from_options(&opts);
-    let (dec, lm) = gradient_dim(model);
+    let (dec, lm) = gradient_dim(model, &objective);
     let d = dec + lm;
     let spec = ProjectorSpec::new(ProjectorKind::Sparse, 42, Some(8192.min(d / 8 * 8)), d, 8)?;
-    let example = Example {
-        name: "bench".into(),
-        prompt: "lively salsa groove".into(),
-        duration: seconds,
-        seed: 1,
-        source: None,
-    };
+    let example = Example::generated("bench", "lively salsa groove", seconds, 1);
     let before = current_rss().unwrap_or(0);
     reset_peak_rss();
     let (_, _, t) = embed(model, &objective, &spec, &example, None)?;
     let peak = peak_rss().unwrap_or(0);
     let param_bytes = (d as u64) * 4;
+    // audio-nll on `seconds` of a synthesised song: encode, backward (LM only), project.
+    let audio_nll = {
+        let nll = crate::attribution::AudioNllObjective::default();
+        let (_, lm_d) = gradient_dim(model, &nll);
+        let spec = ProjectorSpec::new(ProjectorKind::Sparse, 42, Some(8192.min(lm_d / 8 * 8)), lm_d, 8)?;
+        let sr = model.cfg.sample_rate() as u32;
+        let audio = crate::demo::song(crate::demo::Style::Salsa, &crate::demo::Variant::nth(1), sr, seconds as f32);
+        let channels = vec![audio; model.cfg.audio_channels];
+        reset_peak_rss();
+        let start = Instant::now();
+        let codes = crate::attribution::objective::encode_audio(model, &channels)?;
+        let encode = start.elapsed().as_secs_f64();
+        let prepared = crate::attribution::objective::prepared_from_codes(
+            model,
+            codes,
+            model.encode_text("lively salsa groove")?,
+        )?;
+        let (_, _, t) = crate::attribution::gradient::embed_prepared(model, &nll, &spec, prepared)?;
+        serde_json::json!({"gradient_numbers": lm_d, "seconds": {"encode": encode, "backward": t.backward, "project": t.project,
+            "total": encode + t.backward + t.project}, "peak_rss_bytes": peak_rss().unwrap_or(0)})
+    };
     Ok(serde_json::json!({
+        "audio_nll": audio_nll,
         "audio_seconds": seconds,
         "gradient_numbers": d,
         "seconds": {"generate": t.prepare, "backward": t.backward, "backward_codec": t.backward_codec, "project": t.project, "total": t.prepare + t.backward + t.project},
@@ -270,6 +286,21 @@ fn print_gradients(grads: &serde_json::Map<String, serde_json::Value>) {
             r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
             r["parameters_plus_gradients_bytes"].as_f64().unwrap_or(0.0) / 1e6,
             r["peak_over_parameters_plus_gradients"].as_f64().unwrap_or(0.0),
+        );
+    }
+    println!("\naudio-nll embedding of the same length (LM only): encode / backward / project");
+    println!("{:<22} {:>12} {:>10} {:>10} {:>10} {:>12}", "model", "D", "encode", "backward", "project", "peak RSS");
+    for (name, r) in grads {
+        let a = &r["audio_nll"];
+        let s = &a["seconds"];
+        println!(
+            "{:<22} {:>12} {:>9.2}s {:>9.2}s {:>9.2}s {:>10.0}MB",
+            name,
+            a["gradient_numbers"],
+            s["encode"].as_f64().unwrap_or(0.0),
+            s["backward"].as_f64().unwrap_or(0.0),
+            s["project"].as_f64().unwrap_or(0.0),
+            a["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         );
     }
 }

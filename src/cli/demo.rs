@@ -8,12 +8,15 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser};
 
 use super::app::{run, Cli};
-use crate::demo::{rock_ballad, salsa_groove, ROCK_DESCRIPTION, SALSA_DESCRIPTION};
+use crate::demo::{
+    rock_ballad, salsa_groove, ROCK_DESCRIPTION, ROCK_TRAINING_DESCRIPTION, SALSA_DESCRIPTION,
+    SALSA_TRAINING_DESCRIPTION,
+};
 
 /// Run the whole flow on a tiny model fine-tuned on two synthesised songs.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  spintrak demo spintrak-demo\n\nEverything is written under DIR: dataset/, model/, training_gradients_<D>.bin,\nexperiment_3.yaml and the experiment folder with its scores and figure."
+    after_help = "Example:\n  spintrak demo spintrak-demo\n\nEverything is written under DIR: dataset/, model/, training_gradients_<D>.bin,\nexperiment_3.yaml, the experiment folder with its scores and figure, and validate/\n(the counterfactual check of `spintrak validate --quick`; skip it with --no-validate)."
 )]
 pub struct Demo {
     /// Folder for everything the demo writes.
@@ -31,6 +34,9 @@ pub struct Demo {
     /// Generation seeds of the experiment.
     #[arg(long, value_delimiter = ',', default_value = "42,43,44,45,46")]
     pub seeds: Vec<u64>,
+    /// Skip the counterfactual validation (`validate --quick`, about a minute).
+    #[arg(long)]
+    pub no_validate: bool,
     /// Less output.
     #[arg(long, short)]
     pub quiet: bool,
@@ -63,13 +69,13 @@ impl Demo {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
         let p = |name: &str| -> String { dir.join(name).display().to_string() };
         let q = self.quiet;
-        // 1. Two songs, described as in the seed's experiment 3.
+        // 1. Two songs, described in other words than the experiment's prompts.
         let data = dir.join("dataset");
         std::fs::create_dir_all(&data)?;
         let sr = crate::musicgen::tiny::config(1).codec.sample_rate as u32;
         for (name, audio, desc) in [
-            ("rock_ballad", rock_ballad(sr, self.song_seconds as f32), ROCK_DESCRIPTION),
-            ("salsa_groove", salsa_groove(sr, self.song_seconds as f32), SALSA_DESCRIPTION),
+            ("rock_ballad", rock_ballad(sr, self.song_seconds as f32), ROCK_TRAINING_DESCRIPTION),
+            ("salsa_groove", salsa_groove(sr, self.song_seconds as f32), SALSA_TRAINING_DESCRIPTION),
         ] {
             crate::audio::write_wav(&data.join(format!("{name}.wav")), &[audio], sr)?;
             let json = serde_json::json!({"description": desc, "duration": self.song_seconds});
@@ -159,6 +165,28 @@ impl Demo {
             ],
             q,
         )?;
+        // 6. Do the scores predict what training does? The counterfactual check.
+        if !self.no_validate {
+            if !q {
+                eprintln!("\n$ spintrak validate {} --quick", dir.join("validate").display());
+            }
+            let report = crate::validate::validate(&crate::validate::ValidateConfig::quick(), &|line| {
+                if !q {
+                    eprintln!("  {line}");
+                }
+            })?;
+            let vdir = dir.join("validate");
+            std::fs::create_dir_all(&vdir)?;
+            crate::io::write_atomic(&vdir.join("validate.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+            println!("\nCounterfactual check (validate --quick): does a score predict what training on a song does?");
+            print!("{}", report.table());
+            println!(
+                "LDS of the fine-tuned model's audio-nll scores: {:+.3}; the untrained model's: {:+.3}; shuffled rows: {:+.3}",
+                report.lds("audio-nll", "sparse", 1, false).unwrap_or(f64::NAN),
+                report.untrained_lds,
+                report.lds("audio-nll", "sparse", 1, true).unwrap_or(f64::NAN),
+            );
+        }
         if !q {
             eprintln!(
                 "\ndemo finished in {:.0} s; open {}",

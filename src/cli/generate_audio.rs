@@ -37,11 +37,12 @@ impl GenerateAudio {
         if self.example.prompt.trim().is_empty() {
             anyhow::bail!("--prompt is empty: describe the music, e.g. --prompt \"calm piano melody\"");
         }
+        let duration = self.example.generate_seconds()?;
         let model = self.model.load()?;
         let opts = self.sampling.options(&model, self.example.seed)?;
         let pb = progress_bar(self.quiet, "generating");
         let start = Instant::now();
-        let gen = model.generate(&self.example.prompt, self.example.duration, &opts, Some(&pb))?;
+        let gen = model.generate(&self.example.prompt, duration, &opts, Some(&pb))?;
         pb.finish_and_clear();
         let gen_secs = start.elapsed().as_secs_f64();
         let written = write_generated(&model, &gen.frames, &self.output)?;
@@ -52,7 +53,7 @@ impl GenerateAudio {
                 "output": self.output,
                 "model": model.source,
                 "prompt": self.example.prompt,
-                "duration": self.example.duration,
+                "duration": duration,
                 "seed": self.example.seed,
                 "frames": frames,
                 "sample_rate": sr,

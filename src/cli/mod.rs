@@ -8,8 +8,10 @@ pub mod finetune;
 pub mod generate_audio;
 pub mod generate_gradients;
 pub mod init_model;
+pub mod loss;
 pub mod merge;
 pub mod training;
+pub mod validate;
 
 use std::path::PathBuf;
 
@@ -17,11 +19,17 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Args;
 
-use crate::attribution::{gradient_dim, Example, Objective, ProjectorKind, ProjectorSpec};
+use crate::attribution::objective::{objective_of, AudioInput, ObjectiveKind};
+use crate::attribution::{gradient_dim, Objective, ProjectorKind, ProjectorSpec};
 use crate::musicgen::sampling::Sampler;
 use crate::musicgen::{tiny, GenerateOptions, LoadOptions, MusicGen};
-use crate::store::embedding_file::{Header, ModelInfo, Record, FORMAT_VERSION};
-use crate::store::EmbeddingFile;
+
+/// Prints what the user should know about an example (e.g. padding) on stderr.
+pub fn warn_all(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
 
 /// Seed of the built-in tiny model.
 pub const TINY_SEED: u64 = 1234;
@@ -64,11 +72,74 @@ pub struct ExampleArgs {
     #[arg(long)]
     pub prompt: String,
     /// Seconds of audio; beyond the model's window the piece is extended window by window.
+    /// With --input-audio: seconds of the file to score (default: to its end).
     #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
-    pub duration: f64,
+    pub duration: Option<f64>,
     /// Random seed of the generation: the same seed gives the same tokens.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+}
+
+impl ExampleArgs {
+    /// The duration of a track to generate (required then).
+    pub fn generate_seconds(&self) -> Result<f64> {
+        self.duration.ok_or_else(|| anyhow::anyhow!("--duration is required: how many seconds to generate"))
+    }
+}
+
+/// An audio file to score instead of generating a track.
+#[derive(Debug, Clone, Args)]
+pub struct AudioArgs {
+    /// Score this audio file (wav, mp3, flac, m4a, aac) with the --prompt as its
+    /// description, instead of generating a track. Needs the audio-nll objective.
+    #[arg(long, value_name = "FILE")]
+    pub input_audio: Option<PathBuf>,
+    /// Seconds into --input-audio where the excerpt starts.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_offset)]
+    pub offset: f64,
+}
+
+impl AudioArgs {
+    /// The audio input of `--input-audio` (with `duration` seconds, default: to the end).
+    pub fn input(&self, duration: Option<f64>) -> Result<Option<AudioInput>> {
+        match &self.input_audio {
+            None if self.offset != 0.0 => bail!("--offset applies to --input-audio, which is not given"),
+            None => Ok(None),
+            Some(p) => {
+                if !p.is_file() {
+                    bail!("{}: --input-audio is not a readable file", p.display());
+                }
+                Ok(Some(AudioInput { path: p.clone(), offset: self.offset, duration }))
+            }
+        }
+    }
+}
+
+/// Parses a non-negative offset in seconds.
+pub fn parse_offset(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("the offset must be ≥ 0 seconds, got {s}"));
+    }
+    Ok(v)
+}
+
+/// Which function of the model is differentiated.
+#[derive(Debug, Clone, Args)]
+pub struct ObjectiveArgs {
+    /// `audio-nll` (default): MusicGen's training loss on the example's own audio (or on
+    /// a generated track's codes), so that a score measures how training on a song changed
+    /// the track's likelihood. `generation`: the earlier tool's objective (gradient of a
+    /// fresh generation's guided logits; never reads training audio), to reproduce it.
+    #[arg(long, value_enum, default_value_t = ObjectiveKind::AudioNll)]
+    pub objective: ObjectiveKind,
+}
+
+impl ObjectiveArgs {
+    /// The objective; `generate` says how tracks are generated where one is needed.
+    pub fn build(&self, generate: &GenerateOptions) -> Box<dyn Objective> {
+        objective_of(self.objective, generate)
+    }
 }
 
 /// Sampling options shared by every command that generates.
@@ -169,54 +240,13 @@ pub struct ProjectionArgs {
 }
 
 impl ProjectionArgs {
-    pub fn spec(&self, model: &MusicGen) -> Result<ProjectorSpec> {
-        let (dec, lm) = gradient_dim(model);
+    pub fn spec(&self, model: &MusicGen, objective: &dyn Objective) -> Result<ProjectorSpec> {
+        let (dec, lm) = gradient_dim(model, objective);
         ProjectorSpec::new(self.projector, self.proj_seed, self.proj_dim, dec + lm, self.proj_sparsity)
     }
 }
 
-/// The header fields describing a model.
-pub fn model_info(model: &MusicGen) -> Result<ModelInfo> {
-    let (dec, lm) = gradient_dim(model);
-    Ok(ModelInfo {
-        fingerprint: model.fingerprint()?,
-        source: model.source.clone(),
-        decoder_parameters: dec,
-        lm_parameters: lm,
-    })
-}
-
-/// An embedding file of the given rows.
-pub fn single_file(
-    model: &MusicGen,
-    objective: &dyn Objective,
-    spec: &ProjectorSpec,
-    rows: Vec<(Example, Vec<f32>)>,
-) -> Result<EmbeddingFile> {
-    let mut records = Vec::with_capacity(rows.len());
-    let mut data = Vec::with_capacity(rows.len() * spec.k);
-    for (ex, emb) in rows {
-        records.push(Record {
-            name: ex.name,
-            prompt: ex.prompt,
-            duration: ex.duration,
-            seed: ex.seed,
-            source: ex.source,
-        });
-        data.extend(emb);
-    }
-    Ok(EmbeddingFile {
-        header: Header {
-            format_version: FORMAT_VERSION,
-            model: model_info(model)?,
-            objective: objective.info(),
-            projector: spec.clone(),
-            shard: None,
-            records,
-        },
-        data,
-    })
-}
+pub use crate::store::embedding_file::{model_info, single_file};
 
 /// Fails early (before hours of work) when an output's directory does not exist.
 pub fn check_output_dir(path: &std::path::Path) -> Result<()> {

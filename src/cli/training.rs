@@ -7,8 +7,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use super::{check_output_dir, parse_duration, single_file, ModelArgs, ProjectionArgs, SamplingArgs};
-use crate::attribution::{embed, Example, GenerationObjective, Objective, ProjectorSpec};
+use super::{
+    check_output_dir, parse_duration, parse_offset, single_file, ModelArgs, ObjectiveArgs, ProjectionArgs, SamplingArgs,
+};
+use crate::attribution::{embed, AudioInput, Example, Objective, ObjectiveKind, ProjectorSpec};
 use crate::dataset::{walk, TrainingExample};
 use crate::musicgen::MusicGen;
 use crate::store::embedding_file::{ObjectiveInfo, ShardInfo};
@@ -34,10 +36,13 @@ pub struct GenerateTrainingDataset {
     /// Seconds per example; overrides the JSON's `duration`.
     #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
     pub duration: Option<f64>,
+    /// Seconds into each audio file where the scored excerpt starts (audio-nll).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_offset)]
+    pub offset: f64,
     /// Output embedding file.
     #[arg(long)]
     pub output: PathBuf,
-    /// Generation seed of every example (the earlier tool's default).
+    /// Generation seed of every example, for `--objective generation` (the earlier tool's default).
     #[arg(long, default_value_t = 27)]
     pub seed: u64,
     /// Continue an interrupted run from OUTPUT.state/.
@@ -52,9 +57,8 @@ pub struct GenerateTrainingDataset {
     /// Number of shards when the index comes from JOB_COMPLETION_INDEX (Kubernetes).
     #[arg(long)]
     pub shards: Option<usize>,
-    /// Objective whose gradient is embedded.
-    #[arg(long, default_value = "generation")]
-    pub objective: String,
+    #[command(flatten)]
+    pub objective: ObjectiveArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -72,17 +76,20 @@ struct Manifest {
     projector: ProjectorSpec,
     seed: u64,
     duration: Option<f64>,
+    #[serde(default)]
+    offset: f64,
     shard: Option<ShardInfo>,
 }
 
 impl Manifest {
     fn check(&self, stored: &Manifest, dir: &Path) -> Result<()> {
-        let fields: [(&str, String, String); 6] = [
+        let fields: [(&str, String, String); 7] = [
             ("model", self.model_fingerprint.clone(), stored.model_fingerprint.clone()),
             ("objective", serde_json::to_string(&self.objective)?, serde_json::to_string(&stored.objective)?),
             ("projector", serde_json::to_string(&self.projector)?, serde_json::to_string(&stored.projector)?),
             ("seed", self.seed.to_string(), stored.seed.to_string()),
             ("duration", format!("{:?}", self.duration), format!("{:?}", stored.duration)),
+            ("offset", format!("{:?}", self.offset), format!("{:?}", stored.offset)),
             ("shard", format!("{:?}", self.shard), format!("{:?}", stored.shard)),
         ];
         for (name, now, then) in fields {
@@ -135,8 +142,8 @@ impl GenerateTrainingDataset {
         if self.jobs == 0 {
             bail!("--jobs must be at least 1");
         }
-        if self.objective != "generation" {
-            bail!("--objective `{}` is not available (generation)", self.objective);
+        if self.offset != 0.0 && self.objective.objective == ObjectiveKind::Generation {
+            bail!("--offset selects an excerpt of each training file, which the generation objective never reads");
         }
         let shard = resolve_shard(self.shard.as_deref(), self.shards)?;
         let dataset = walk(&self.input)?;
@@ -169,14 +176,16 @@ impl GenerateTrainingDataset {
             .collect();
 
         let model = self.model.load()?;
-        let objective = GenerationObjective::from_options(&self.sampling.options(&model, self.seed)?);
-        let spec = self.projection.spec(&model)?;
+        let objective = self.objective.build(&self.sampling.options(&model, self.seed)?);
+        let objective = objective.as_ref();
+        let spec = self.projection.spec(&model, objective)?;
         let manifest = Manifest {
             model_fingerprint: model.fingerprint()?,
             objective: objective.info(),
             projector: spec.clone(),
             seed: self.seed,
             duration: self.duration,
+            offset: self.offset,
             shard: shard_info,
         };
         let state_dir = PathBuf::from(format!("{}.state", self.output.display()));
@@ -187,7 +196,7 @@ impl GenerateTrainingDataset {
         if self.resume && done_before > 0 && !self.quiet {
             eprintln!("resuming: {done_before} of {} examples already done", mine.len());
         }
-        let failures = self.process(&model, &objective, &spec, &todo, &state_dir)?;
+        let failures = self.process(&model, objective, &spec, &todo, &state_dir)?;
         if !failures.is_empty() {
             let mut msg = format!(
                 "{} of {} examples failed (the {} finished ones are kept in {}; fix these and rerun with --resume):",
@@ -206,11 +215,9 @@ impl GenerateTrainingDataset {
         let mut rows = Vec::with_capacity(mine.len());
         for e in &mine {
             let f = EmbeddingFile::read(&state_file(&state_dir, &e.rel_path))?;
-            let r = &f.header.records[0];
-            let ex = Example::from_record(r);
-            rows.push((ex, f.data));
+            rows.push((f.header.records[0].clone(), f.data));
         }
-        let mut file = single_file(&model, &objective, &spec, rows)?;
+        let mut file = single_file(&model, objective, &spec, rows)?;
         file.header.shard = shard_info;
         file.write(&self.output)?;
         std::fs::remove_dir_all(&state_dir).with_context(|| format!("{}: cannot remove", state_dir.display()))?;
@@ -245,7 +252,7 @@ impl GenerateTrainingDataset {
     fn process(
         &self,
         model: &MusicGen,
-        objective: &GenerationObjective,
+        objective: &dyn Objective,
         spec: &ProjectorSpec,
         todo: &[&TrainingExample],
         state_dir: &Path,
@@ -265,16 +272,32 @@ impl GenerateTrainingDataset {
     fn embed_one(
         &self,
         model: &MusicGen,
-        objective: &GenerationObjective,
+        objective: &dyn Objective,
         spec: &ProjectorSpec,
         ex: &TrainingExample,
         state_dir: &Path,
     ) -> Result<()> {
         let (prompt, duration) = ex.read_description(self.duration)?;
+        // audio-nll reads the example's own audio; generation only its description.
+        let audio = (self.objective.objective == ObjectiveKind::AudioNll).then(|| AudioInput {
+            path: ex.audio.clone(),
+            offset: self.offset,
+            duration: Some(duration),
+        });
+        let (seed, offset_note) = if audio.is_some() { (0, true) } else { (self.seed, false) };
         let example =
-            Example { name: ex.file_name(), prompt, duration, seed: self.seed, source: Some(ex.rel_path.clone()) };
-        let (embedding, _, _) = embed(model, objective, spec, &example, None)?;
-        let file = single_file(model, objective, spec, vec![(example, embedding)])?;
+            Example { name: ex.file_name(), prompt, duration, seed, source: Some(ex.rel_path.clone()), audio };
+        let (embedding, prepared, _) = embed(model, objective, spec, &example, None)?;
+        if !self.quiet {
+            for w in &prepared.warnings {
+                eprintln!("warning: {w}");
+            }
+        }
+        let mut record = example.record(prepared.duration);
+        if !offset_note {
+            record.offset = None;
+        }
+        let file = single_file(model, objective, spec, vec![(record, embedding)])?;
         file.write(&state_file(state_dir, &ex.rel_path))
     }
 }

@@ -216,3 +216,95 @@ pub fn render(plot: &StripPlot, svg: &Path, png: &Path) -> Result<()> {
     img.write_to(&mut bytes, image::ImageFormat::Png).context("PNG encoding")?;
     crate::io::write_atomic(png, &bytes.into_inner())
 }
+
+/// Points of one series of a scatter plot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A scatter plot of several series (one colour each), written as SVG and PNG.
+pub fn render_scatter(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    svg: &Path,
+    png: &Path,
+) -> Result<()> {
+    fn draw_scatter<DB: DrawingBackend>(
+        root: DrawingArea<DB, Shift>,
+        title: &str,
+        x_label: &str,
+        y_label: &str,
+        series: &[Series],
+    ) -> Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing: {e:?}");
+        root.fill(&WHITE).map_err(err)?;
+        let all = series.iter().flat_map(|s| s.points.iter());
+        let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+        for &(x, y) in all {
+            (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+        }
+        if !(x0.is_finite() && y0.is_finite()) {
+            (x0, x1, y0, y1) = (-1.0, 1.0, -1.0, 1.0);
+        }
+        let pad = |a: f64, b: f64| ((b - a) * 0.08).max(1e-9);
+        let (px, py) = (pad(x0, x1), pad(y0, y1));
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(18)
+            .x_label_area_size(50)
+            .y_label_area_size(80)
+            .build_cartesian_2d((x0 - px)..(x1 + px), (y0 - py)..(y1 + py))
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .label_style(("sans-serif", 13))
+            .axis_desc_style(("sans-serif", 15))
+            .x_label_formatter(&move |x: &f64| tick(*x, x1 - x0, x0.abs().max(x1.abs())))
+            .y_label_formatter(&move |y: &f64| tick(*y, y1 - y0, y0.abs().max(y1.abs())))
+            .draw()
+            .map_err(err)?;
+        for (i, s) in series.iter().enumerate() {
+            let colour = PALETTE[i % PALETTE.len()];
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 5, colour.mix(0.85).filled())))
+                .map_err(err)?
+                .label(truncate(&s.name, 40))
+                .legend(move |(x, y)| Circle::new((x, y), 5, colour.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK.mix(0.3))
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)?;
+        Ok(())
+    }
+    register_fonts();
+    let (w, h) = (900u32, 640u32);
+    let mut svg_text = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg_text, (w, h)).into_drawing_area();
+        draw_scatter(root, title, x_label, y_label, series)?;
+    }
+    crate::io::write_atomic(svg, svg_text.as_bytes())?;
+    let mut pixels = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (w, h)).into_drawing_area();
+        draw_scatter(root, title, x_label, y_label, series)?;
+    }
+    let img = image::RgbImage::from_raw(w, h, pixels).ok_or_else(|| anyhow!("PNG buffer size"))?;
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, image::ImageFormat::Png).context("PNG encoding")?;
+    crate::io::write_atomic(png, &bytes.into_inner())
+}

@@ -117,6 +117,142 @@ impl Training {
     }
 }
 
+/// Queries and training rows embedded under one or several models of one architecture
+/// (a TRAK ensemble). Files are paired by model fingerprint; every model must hold the
+/// same query rows and the same training rows, in the same order. Scores are the mean
+/// of the models' scores.
+pub struct Ensemble {
+    /// One query file per model.
+    pub queries: Vec<EmbeddingFile>,
+    /// The training rows of each model (same order as `queries`).
+    pub trainings: Vec<Training>,
+}
+
+fn same_rows(a: &[Record], b: &[Record]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.name == y.name && x.prompt == y.prompt && x.source == y.source && x.duration == y.duration)
+}
+
+impl Ensemble {
+    /// Reads query files (one per model) and training files (any number per model).
+    pub fn load(query_paths: &[PathBuf], training_paths: &[PathBuf]) -> Result<Self> {
+        if query_paths.is_empty() || training_paths.is_empty() {
+            bail!("scores need query and training embedding files");
+        }
+        let mut queries: Vec<(PathBuf, EmbeddingFile)> = Vec::new();
+        for p in query_paths {
+            let f = read_embeddings(p)?;
+            if let Some((other, _)) =
+                queries.iter().find(|(_, q)| q.header.model.fingerprint == f.header.model.fingerprint)
+            {
+                bail!(
+                    "{} and {} are query files of the same model; give one query file per model",
+                    other.display(),
+                    p.display()
+                );
+            }
+            queries.push((p.clone(), f));
+        }
+        let mut groups: Vec<Vec<PathBuf>> = vec![Vec::new(); queries.len()];
+        for p in training_paths {
+            let f = read_embeddings(p)?;
+            match queries.iter().position(|(_, q)| q.header.model.fingerprint == f.header.model.fingerprint) {
+                Some(i) => groups[i].push(p.clone()),
+                None if queries.len() == 1 => {
+                    // One model: say what differs (fingerprint, objective, ...).
+                    queries[0].1.header.check_compatible(
+                        &f.header,
+                        &queries[0].0.display().to_string(),
+                        &p.display().to_string(),
+                    )?;
+                }
+                None => bail!(
+                    "{}: made with a model (fingerprint {}) none of the query files was made with",
+                    p.display(),
+                    f.header.model.fingerprint
+                ),
+            }
+        }
+        let mut trainings = Vec::with_capacity(queries.len());
+        for ((qp, q), paths) in queries.iter().zip(&groups) {
+            if paths.is_empty() {
+                bail!(
+                    "{}: no training file was made with its model (fingerprint {}); give one per model",
+                    qp.display(),
+                    q.header.model.fingerprint
+                );
+            }
+            trainings.push(load_training(q, qp, paths)?);
+        }
+        let (q0, t0) = (&queries[0], &trainings[0]);
+        for ((qp, q), t) in queries.iter().zip(&trainings).skip(1) {
+            if q.header.objective.name != q0.1.header.objective.name || q.k() != q0.1.k() {
+                bail!("{} and {}: the models' files differ in objective or k", q0.0.display(), qp.display());
+            }
+            if !same_rows(&q.header.records, &q0.1.header.records) {
+                bail!("{} and {} do not hold the same queries in the same order", q0.0.display(), qp.display());
+            }
+            if !same_rows(&t.records, &t0.records) {
+                bail!(
+                    "the training files of {} and of {} do not hold the same songs in the same order",
+                    q0.0.display(),
+                    qp.display()
+                );
+            }
+        }
+        Ok(Self { queries: queries.into_iter().map(|(_, f)| f).collect(), trainings })
+    }
+
+    /// One model's files.
+    pub fn single(query: EmbeddingFile, training: Training) -> Self {
+        Self { queries: vec![query], trainings: vec![training] }
+    }
+
+    pub fn models(&self) -> usize {
+        self.queries.len()
+    }
+
+    /// The queries (of the first model; all models hold the same).
+    pub fn query(&self) -> &EmbeddingFile {
+        &self.queries[0]
+    }
+
+    /// The training rows' records.
+    pub fn training_records(&self) -> &[Record] {
+        &self.trainings[0].records
+    }
+
+    /// The ensemble restricted to training rows of duration `d`.
+    pub fn with_duration(&self, d: f64) -> Ensemble {
+        Ensemble {
+            queries: self.queries.clone(),
+            trainings: self.trainings.iter().map(|t| t.with_duration(d)).collect(),
+        }
+    }
+
+    /// Mean over models of `S = G (ΦᵀΦ + λI)⁻¹ Φᵀ` for query rows `rows` (row-major,
+    /// rows.len() × n).
+    pub fn scores(&self, rows: &[usize], lambda: f64) -> Result<Vec<f64>> {
+        let mut mean: Vec<f64> = Vec::new();
+        for (q, t) in self.queries.iter().zip(&self.trainings) {
+            let g: Vec<f32> = rows.iter().flat_map(|&i| q.row(i).iter().copied()).collect();
+            let (s, _) = scores(&g, rows.len(), &t.data, t.records.len(), q.k(), lambda)?;
+            if mean.is_empty() {
+                mean = s;
+            } else {
+                for (a, b) in mean.iter_mut().zip(s) {
+                    *a += b;
+                }
+            }
+        }
+        let e = self.models() as f64;
+        mean.iter_mut().for_each(|x| *x /= e);
+        Ok(mean)
+    }
+}
+
 /// Scores of some query rows against training rows.
 #[derive(Debug, Clone, Serialize)]
 pub struct QueryScores {
@@ -136,19 +272,13 @@ pub struct TrainingScore {
     pub direction: &'static str,
 }
 
-/// Scores query rows `rows` of `query` against `training`.
-pub fn score_queries(
-    query: &EmbeddingFile,
-    rows: &[usize],
-    training: &Training,
-    lambda: f64,
-    labels: &Labels,
-) -> Result<Vec<QueryScores>> {
-    let k = query.k();
-    let g: Vec<f32> = rows.iter().flat_map(|&i| query.row(i).iter().copied()).collect();
-    let n = training.records.len();
-    let (s, _) = scores(&g, rows.len(), &training.data, n, k, lambda)?;
-    let names: Vec<String> = training.records.iter().map(|r| r.name.clone()).collect();
+/// Scores query rows `rows` against the ensemble's training rows.
+pub fn score_queries(ensemble: &Ensemble, rows: &[usize], lambda: f64, labels: &Labels) -> Result<Vec<QueryScores>> {
+    let query = ensemble.query();
+    let records = ensemble.training_records();
+    let n = records.len();
+    let s = ensemble.scores(rows, lambda)?;
+    let names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
     Ok(rows
         .iter()
         .enumerate()
@@ -172,8 +302,8 @@ pub fn score_queries(
                     .map(|(i, inf)| {
                         let inf = inf.expect("every training row ranked");
                         TrainingScore {
-                            training: training.records[i].name.clone(),
-                            label: labels.of(&training.records[i]),
+                            training: records[i].name.clone(),
+                            label: labels.of(&records[i]),
                             score: inf.score,
                             percentage: inf.percentage,
                             direction: inf.direction,
@@ -277,20 +407,21 @@ fn ordered<T: PartialEq + Clone>(items: impl Iterator<Item = T>) -> Vec<T> {
     out
 }
 
-/// Runs the results of experiment 1, 3 or 4.
+/// Runs the results of experiment 1, 3 or 4. `test_paths`: the runner's aggregate file,
+/// or one per model of an ensemble.
 pub fn experiment_results(
     exp: Experiment,
-    test_path: &Path,
+    test_paths: &[PathBuf],
     training_paths: &[PathBuf],
     lambda: f64,
     labels: &Labels,
     out_dir: &Path,
 ) -> Result<ExperimentResults> {
-    let test = read_embeddings(test_path)?;
+    let ensemble = Ensemble::load(test_paths, training_paths)?;
+    let test = ensemble.query();
     if test.rows() == 0 {
-        bail!("{}: holds no cases", test_path.display());
+        bail!("{}: holds no cases", test_paths[0].display());
     }
-    let training = load_training(&test, test_path, training_paths)?;
     if !out_dir.is_dir() {
         bail!("{}: the output folder does not exist", out_dir.display());
     }
@@ -303,11 +434,11 @@ pub fn experiment_results(
     match exp {
         Experiment::One => {
             // Pair cases and training rows by the durations in their headers.
-            let available = ordered(training.records.iter().map(|r| r.duration));
+            let available = ordered(ensemble.training_records().iter().map(|r| r.duration));
             for &d in &durations {
                 let rows: Vec<usize> = (0..recs.len()).filter(|&i| recs[i].duration == d).collect();
-                let t = training.with_duration(d);
-                if t.records.is_empty() {
+                let t = ensemble.with_duration(d);
+                if t.training_records().is_empty() {
                     let have: Vec<String> = available.iter().map(|x| format!("{} s", format_seconds(*x))).collect();
                     bail!(
                         "no training embeddings of {} s among the training files (they hold {}); compute them with `spintrak generate-training-dataset-parallel --duration {}`",
@@ -316,7 +447,7 @@ pub fn experiment_results(
                         format_seconds(d)
                     );
                 }
-                all.extend(score_queries(&test, &rows, &t, lambda, labels)?);
+                all.extend(score_queries(&t, &rows, lambda, labels)?);
             }
             // Mean of each case's embedding, per duration and seed.
             let mut headers = vec!["duration".to_string()];
@@ -346,7 +477,7 @@ pub fn experiment_results(
         }
         Experiment::Three | Experiment::Four => {
             let rows: Vec<usize> = (0..recs.len()).collect();
-            all.extend(score_queries(&test, &rows, &training, lambda, labels)?);
+            all.extend(score_queries(&ensemble, &rows, lambda, labels)?);
         }
     }
     // Score table: one row per case, one column per training song.

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::config::{Case, ExperimentConfig};
-use crate::attribution::{embed, Example, GenerationObjective, ProjectorSpec};
+use crate::attribution::{embed, Example, Objective, ProjectorSpec};
 use crate::audio::write_generated;
-use crate::cli::single_file;
 use crate::musicgen::MusicGen;
+use crate::store::embedding_file::single_file;
 use crate::store::EmbeddingFile;
 
 /// The file names of a run.
@@ -77,11 +77,19 @@ pub fn prepare_dir(cfg: &ExperimentConfig, text: &str, parent: &Path, resume_fro
 }
 
 /// Whether `case` is finished in `layout` with these settings.
-pub fn case_done(layout: &RunLayout, case: &Case, spec: &ProjectorSpec, fingerprint: &str) -> bool {
+pub fn case_done(
+    layout: &RunLayout,
+    case: &Case,
+    objective: &dyn Objective,
+    spec: &ProjectorSpec,
+    fingerprint: &str,
+) -> bool {
     match EmbeddingFile::read(&layout.case_embedding(case)) {
         Ok(f) => {
             f.rows() == 1
                 && f.header.projector == *spec
+                && f.header.objective == objective.info()
+                && f.header.generated_with == objective.generated_with()
                 && f.header.model.fingerprint == fingerprint
                 && f.header.records[0].prompt == case.prompt
                 && f.header.records[0].seed == case.seed
@@ -95,27 +103,22 @@ pub fn case_done(layout: &RunLayout, case: &Case, spec: &ProjectorSpec, fingerpr
 /// Generates, embeds and saves one case (audio first; the embedding marks completion).
 pub fn run_case(
     model: &MusicGen,
-    objective: &GenerationObjective,
+    objective: &dyn Objective,
     spec: &ProjectorSpec,
     layout: &RunLayout,
     case: &Case,
 ) -> Result<()> {
-    let example = Example {
-        name: case.name.clone(),
-        prompt: case.prompt.clone(),
-        duration: case.duration,
-        seed: case.seed,
-        source: None,
-    };
+    let example = Example::generated(&case.name, &case.prompt, case.duration, case.seed);
     let (embedding, prepared, _) = embed(model, objective, spec, &example, None)?;
     write_generated(model, &prepared.generation.frames, &layout.case_audio(case))?;
-    single_file(model, objective, spec, vec![(example, embedding)])?.write(&layout.case_embedding(case))
+    single_file(model, objective, spec, vec![(example.record(case.duration), embedding)])?
+        .write(&layout.case_embedding(case))
 }
 
 /// Joins the case files, in config order, into the aggregate file.
 pub fn write_aggregate(
     model: &MusicGen,
-    objective: &GenerationObjective,
+    objective: &dyn Objective,
     spec: &ProjectorSpec,
     layout: &RunLayout,
     cases: &[Case],
@@ -123,9 +126,7 @@ pub fn write_aggregate(
     let mut rows = Vec::with_capacity(cases.len());
     for case in cases {
         let f = EmbeddingFile::read(&layout.case_embedding(case))?;
-        let r = &f.header.records[0];
-        let ex = Example::from_record(r);
-        rows.push((ex, f.data));
+        rows.push((f.header.records[0].clone(), f.data));
     }
     let path = layout.aggregate();
     single_file(model, objective, spec, rows)?.write(&path)?;

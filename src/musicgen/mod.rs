@@ -8,6 +8,7 @@ pub mod config;
 pub mod gemv;
 pub mod lm;
 pub mod loader;
+pub mod loss;
 pub mod lstm;
 pub mod model;
 pub mod ops;

@@ -246,11 +246,108 @@ pub fn build_tensors(seed: u64) -> Result<(MusicgenConfig, HashMap<String, Tenso
     let codec = ParamStore::initializing(init, "tiny EnCodec", &dev);
     Codec::new(&cfg.codec, codec.vb(true))?;
     super::codec::CodecEncoder::new(&cfg.codec, codec.vb(true).pp("encoder"))?;
+    let mut codec_tensors = codec.claimed();
+    fit_codebooks(&cfg, &codec, &mut codec_tensors)?;
     let mut all: HashMap<String, Tensor> = HashMap::new();
     all.extend(t5.claimed().into_iter().map(|(k, v)| (format!("text_encoder.{k}"), v)));
-    all.extend(codec.claimed().into_iter().map(|(k, v)| (format!("audio_encoder.{k}"), v)));
+    all.extend(codec_tensors.into_iter().map(|(k, v)| (format!("audio_encoder.{k}"), v)));
     all.extend(lm_to_transformers(lm.claimed(), cfg.lm.dim)?);
     Ok((cfg, all, tok_json))
+}
+
+/// Varied test signals at `sr` (tones, chirps, noise bursts, clicks, mixtures), one
+/// second each: what the tiny codec's codebooks are fitted to.
+fn codebook_signals(sr: usize) -> Vec<Vec<f32>> {
+    use std::f64::consts::TAU;
+    (0..24u64)
+        .map(|i| {
+            let u = |j: u64| rng::uniform(0xc0de, &[i, j]);
+            let f = 60.0 * 2f64.powf(u(0) * 5.5);
+            let amp = 0.1 + 0.8 * u(1);
+            (0..sr)
+                .map(|n| {
+                    let t = n as f64 / sr as f64;
+                    let noise = rng::uniform(0xc0de ^ i, &[n as u64]) * 2.0 - 1.0;
+                    let v = match i % 6 {
+                        0 => (TAU * f * t).sin(),
+                        1 => (TAU * (f + 400.0 * t) * t).sin(),
+                        2 => noise * (-(t * 8.0).fract() * 6.0).exp(),
+                        3 => f64::from(u8::from((t * 10.0).fract() < 0.01)) * 2.0 - 0.1,
+                        4 => ((TAU * f * t).sin() + (TAU * 1.5 * f * t).sin()) * 0.5 * (TAU * 3.0 * t).sin(),
+                        _ => (TAU * f * t).sin().signum() * 0.5 + 0.3 * noise,
+                    };
+                    (amp * v) as f32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Deterministic k-means (farthest-point start, Lloyd iterations) of `points` (rows of
+/// `dim`) into `k` centres.
+fn kmeans(points: &[Vec<f32>], k: usize, iterations: usize) -> Vec<Vec<f32>> {
+    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>();
+    let mut centres: Vec<Vec<f32>> = vec![points[0].clone()];
+    let mut nearest: Vec<f32> = points.iter().map(|p| dist(p, &centres[0])).collect();
+    while centres.len() < k {
+        let far = (0..points.len()).max_by(|&a, &b| nearest[a].total_cmp(&nearest[b])).unwrap_or(0);
+        centres.push(points[far].clone());
+        for (d, p) in nearest.iter_mut().zip(points) {
+            *d = d.min(dist(p, &points[far]));
+        }
+    }
+    for _ in 0..iterations {
+        let mut sums = vec![vec![0f64; points[0].len()]; k];
+        let mut counts = vec![0usize; k];
+        for p in points {
+            let c = (0..k).min_by(|&a, &b| dist(p, &centres[a]).total_cmp(&dist(p, &centres[b]))).unwrap_or(0);
+            counts[c] += 1;
+            for (s, x) in sums[c].iter_mut().zip(p) {
+                *s += *x as f64;
+            }
+        }
+        for ((c, s), n) in centres.iter_mut().zip(sums).zip(counts) {
+            if n > 0 {
+                *c = s.iter().map(|x| (x / n as f64) as f32).collect();
+            }
+        }
+    }
+    centres
+}
+
+/// Random codebooks send every frame of any audio to the same codes; fit them to the
+/// encoder's outputs on varied signals instead (residual by residual, as EnCodec's are
+/// learnt), so that codes follow the audio.
+fn fit_codebooks(cfg: &MusicgenConfig, codec: &ParamStore, tensors: &mut HashMap<String, Tensor>) -> Result<()> {
+    let encoder = super::codec::CodecEncoder::new(&cfg.codec, codec.vb(true).pp("encoder"))?;
+    let mut frames: Vec<Vec<f32>> = Vec::new();
+    for sig in codebook_signals(cfg.codec.sample_rate) {
+        let len = sig.len();
+        let z = encoder.forward(&Tensor::from_vec(sig, (1, 1, len), &Device::Cpu)?)?; // [1, D, T]
+        let z: Vec<Vec<f32>> = z.squeeze(0)?.t()?.contiguous()?.to_vec2()?;
+        frames.extend(z);
+    }
+    for q in 0..cfg.codec.n_q {
+        let centres = kmeans(&frames, cfg.codec.card, 12);
+        for f in frames.iter_mut() {
+            let c = centres
+                .iter()
+                .min_by(|a, b| {
+                    let da: f32 = a.iter().zip(f.iter()).map(|(x, y)| (x - y) * (x - y)).sum();
+                    let db: f32 = b.iter().zip(f.iter()).map(|(x, y)| (x - y) * (x - y)).sum();
+                    da.total_cmp(&db)
+                })
+                .ok_or_else(|| anyhow::anyhow!("no codebook entries"))?;
+            for (x, y) in f.iter_mut().zip(c) {
+                *x -= y;
+            }
+        }
+        let dim = cfg.codec.codebook_dim;
+        let name = format!("quantizer.layers.{q}.codebook.embed");
+        let flat: Vec<f32> = centres.concat();
+        tensors.insert(name, Tensor::from_vec(flat, (cfg.codec.card, dim), &Device::Cpu)?);
+    }
+    Ok(())
 }
 
 /// The built-in tiny MusicGen, in memory.
@@ -364,4 +461,37 @@ pub fn small_shape_config(vocab_size: usize) -> MusicgenConfig {
     cfg.lm = LmConfig { dim: 1024, num_heads: 16, num_layers: 24, ffn_dim: 4096, card: 2048, cond_dim: 768, ..cfg.lm };
     cfg.generation.window_seconds = 30.0;
     cfg
+}
+
+#[cfg(test)]
+mod codebook_tests {
+    use super::*;
+
+    #[test]
+    fn tiny_codes_follow_the_audio() {
+        let model = build(1234, &Device::Cpu).unwrap();
+        let encoder =
+            crate::musicgen::codec::CodecEncoder::new(&model.cfg.codec, model.codec_params.vb(true).pp("encoder"))
+                .unwrap();
+        let sr = model.cfg.sample_rate();
+        let enc = |x: Vec<f32>| -> Vec<Vec<u32>> {
+            let n = x.len();
+            model
+                .codec
+                .encode(&encoder, &Tensor::from_vec(x, (1, n), &Device::Cpu).unwrap(), 1)
+                .unwrap()
+                .to_vec2()
+                .unwrap()
+        };
+        // Signals unlike the fitting set: a low tone and white-ish noise, 2 s.
+        let tone: Vec<f32> = (0..2 * sr).map(|i| 0.5 * (i as f32 * 0.05).sin()).collect();
+        let noise: Vec<f32> = (0..2 * sr).map(|i| (rng::uniform(99, &[i as u64]) as f32 - 0.5) * 0.8).collect();
+        let (a, b) = (enc(tone), enc(noise));
+        for q in 0..model.cfg.codec.n_q {
+            let distinct: std::collections::HashSet<u32> = a[q].iter().chain(&b[q]).copied().collect();
+            assert!(distinct.len() > 4, "codebook {q}: only {} distinct codes", distinct.len());
+        }
+        let differ = a[0].iter().zip(&b[0]).filter(|(x, y)| x != y).count();
+        assert!(differ * 2 > a[0].len(), "tone and noise share most codes ({differ} of {} differ)", a[0].len());
+    }
 }

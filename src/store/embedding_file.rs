@@ -11,6 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::attribution::projector::ProjectorSpec;
+use crate::attribution::{gradient_dim, Objective};
+use crate::musicgen::MusicGen;
 
 pub const FORMAT_VERSION: u32 = 1;
 const METADATA_KEY: &str = "spintrak";
@@ -28,6 +30,9 @@ pub struct Record {
     /// Where the example came from (relative path of a training file), if anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Seconds into the audio file where the scored excerpt starts (audio examples only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<f64>,
 }
 
 /// The model an embedding was computed with.
@@ -55,6 +60,9 @@ pub struct Header {
     pub format_version: u32,
     pub model: ModelInfo,
     pub objective: ObjectiveInfo,
+    /// How rows without audio were generated (sampling settings), when any were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated_with: Option<serde_json::Value>,
     pub projector: ProjectorSpec,
     /// Set on the output of one shard of a sharded run (`--shard I/N`); `merge` removes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,7 +90,14 @@ impl Header {
         };
         differ("format_version", self.format_version.to_string(), other.format_version.to_string())?;
         differ("model fingerprint", self.model.fingerprint.clone(), other.model.fingerprint.clone())?;
-        differ("objective", self.objective.name.clone(), other.objective.name.clone())?;
+        if self.objective.name != other.objective.name {
+            bail!(
+                "{ours} was embedded with the `{}` objective and {theirs} with `{}`; scores need both sides made with one objective (re-embed one of them with --objective {})",
+                self.objective.name,
+                other.objective.name,
+                other.objective.name
+            );
+        }
         differ("objective settings", self.objective.settings.to_string(), other.objective.settings.to_string())?;
         differ("projector kind", format!("{:?}", self.projector.kind), format!("{:?}", other.projector.kind))?;
         differ("projector seed", self.projector.seed.to_string(), other.projector.seed.to_string())?;
@@ -91,6 +106,48 @@ impl Header {
         differ("projector sparsity", self.projector.sparsity.to_string(), other.projector.sparsity.to_string())?;
         Ok(())
     }
+}
+
+/// The header fields describing a model.
+pub fn model_info(model: &MusicGen, objective: &dyn Objective) -> Result<ModelInfo> {
+    let (dec, lm) = gradient_dim(model, objective);
+    Ok(ModelInfo {
+        fingerprint: model.fingerprint()?,
+        source: model.source.clone(),
+        decoder_parameters: dec,
+        lm_parameters: lm,
+    })
+}
+
+/// An embedding file of the given rows, made with `model`, `objective` and `spec`.
+pub fn single_file(
+    model: &MusicGen,
+    objective: &dyn Objective,
+    spec: &ProjectorSpec,
+    rows: Vec<(Record, Vec<f32>)>,
+) -> Result<EmbeddingFile> {
+    let mut records = Vec::with_capacity(rows.len());
+    let mut data = Vec::with_capacity(rows.len() * spec.k);
+    for (record, emb) in rows {
+        if emb.len() != spec.k {
+            bail!("row `{}` has {} numbers, the projection gives {}", record.name, emb.len(), spec.k);
+        }
+        records.push(record);
+        data.extend(emb);
+    }
+    let generated = records.iter().any(|r| r.offset.is_none());
+    Ok(EmbeddingFile {
+        header: Header {
+            format_version: FORMAT_VERSION,
+            model: model_info(model, objective)?,
+            objective: objective.info(),
+            generated_with: if generated { objective.generated_with() } else { None },
+            projector: spec.clone(),
+            shard: None,
+            records,
+        },
+        data,
+    })
 }
 
 /// An embedding file in memory.
@@ -202,6 +259,7 @@ mod tests {
                 duration: d,
                 seed: i as u64,
                 source: None,
+                offset: Some(d),
             })
             .collect();
         let header = Header {
@@ -211,6 +269,7 @@ mod tests {
                 name: "generation".into(),
                 settings: serde_json::json!({"temperature": 0.7000000000000001, "guidance_scale": 2.9999999999999996}),
             },
+            generated_with: None,
             projector: ProjectorSpec::new(ProjectorKind::Sparse, 42, Some(2), 8, 2).unwrap(),
             shard: None,
             records,
@@ -220,6 +279,7 @@ mod tests {
         assert_eq!(back, file);
         for (r, &d) in back.header.records.iter().zip(&awkward) {
             assert_eq!(r.duration.to_bits(), d.to_bits());
+            assert_eq!(r.offset.map(f64::to_bits), Some(d.to_bits()));
         }
     }
 }
