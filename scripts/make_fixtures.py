@@ -1152,7 +1152,7 @@ def audiocraft_lm_cfg(model):
             past_context=None, causal=True, custom=False, memory_efficient=True, attention_as_float32=False,
             layer_scale=None, positional_embedding="sin", xpos=False, checkpointing="none",
             weight_init="gaussian", depthwise_init="current", zero_bias_init=True, norm="layer_norm",
-            cross_attention=True, qk_layer_norm=False, qk_layer_norm_cross=False, attention_dropout=None,
+            cross_attention=False, qk_layer_norm=False, qk_layer_norm_cross=False, attention_dropout=None,
             kv_repeat=1, two_step_cfg=False,
         ),
         classifier_free_guidance=collections.OrderedDict(training_dropout=0.1, inference_coef=GUIDANCE),

@@ -26,6 +26,9 @@ pub struct FinetuneOptions {
     pub segment: Option<f64>,
     /// Probability of replacing the description by the null condition.
     pub cond_dropout: f64,
+    /// Every step on the mean loss of all examples (deterministic: no order, no segment
+    /// choice) instead of one example per step.
+    pub full_batch: bool,
 }
 
 /// One encoded training example.
@@ -88,15 +91,30 @@ pub fn finetune(
     let window = model.frames_for(model.cfg.generation.window_seconds).max(2);
     let segment = opts.segment.map_or(window, |s| model.frames_for(s).clamp(2, window));
     pb.set_length(opts.steps as u64);
-    let mut losses = Vec::with_capacity(opts.steps);
+    let mut losses = Vec::new();
     for step in 0..opts.steps {
-        let ex = &data[step % data.len()];
-        let t = ex.codes[0].len();
-        let len = segment.min(t);
-        let offset = ((rng::uniform(opts.seed, &[step as u64, 1]) * (t - len + 1) as f64) as usize).min(t - len);
-        let frames: Vec<Vec<u32>> = ex.codes.iter().map(|r| r[offset..offset + len].to_vec()).collect();
-        let conditioned = rng::uniform(opts.seed, &[step as u64, 2]) >= opts.cond_dropout;
-        let loss = nll(model, &lm, &ex.t5, &frames, conditioned)?;
+        let loss = if opts.full_batch {
+            let mut total: Option<Tensor> = None;
+            for (i, ex) in data.iter().enumerate() {
+                let len = segment.min(ex.codes[0].len());
+                let frames: Vec<Vec<u32>> = ex.codes.iter().map(|r| r[..len].to_vec()).collect();
+                let conditioned = rng::uniform(opts.seed, &[step as u64, 2, i as u64]) >= opts.cond_dropout;
+                let l = nll(model, &lm, &ex.t5, &frames, conditioned)?;
+                total = Some(match total {
+                    None => l,
+                    Some(t) => (t + l)?,
+                });
+            }
+            (total.ok_or_else(|| anyhow::anyhow!("nothing to train on"))? / data.len() as f64)?
+        } else {
+            let ex = &data[step % data.len()];
+            let t = ex.codes[0].len();
+            let len = segment.min(t);
+            let offset = ((rng::uniform(opts.seed, &[step as u64, 1]) * (t - len + 1) as f64) as usize).min(t - len);
+            let frames: Vec<Vec<u32>> = ex.codes.iter().map(|r| r[offset..offset + len].to_vec()).collect();
+            let conditioned = rng::uniform(opts.seed, &[step as u64, 2]) >= opts.cond_dropout;
+            nll(model, &lm, &ex.t5, &frames, conditioned)?
+        };
         opt.backward_step(&loss)?;
         let l = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if !l.is_finite() {

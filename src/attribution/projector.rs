@@ -177,6 +177,54 @@ impl Projection {
     }
 }
 
+/// Projects several whole gradients with one spec. For the dense kinds each matrix entry
+/// is drawn once for all of them (the draw is most of a dense projection's cost); the
+/// results are bit-identical to projecting each gradient on its own.
+pub fn project_all(spec: &ProjectorSpec, grads: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+    if let Some(g) = grads.iter().find(|g| g.len() != spec.d) {
+        bail!("a gradient of {} numbers for a projection of D = {}", g.len(), spec.d);
+    }
+    if !matches!(spec.kind, ProjectorKind::Normal | ProjectorKind::Rademacher) || grads.len() < 2 {
+        return grads
+            .iter()
+            .map(|g| {
+                let mut p = spec.start();
+                p.update(0, g)?;
+                p.finish()
+            })
+            .collect();
+    }
+    let (seed, kind, e) = (spec.seed, spec.kind, grads.len());
+    let blocks: Vec<Vec<Vec<f64>>> = (0..spec.k.div_ceil(ROW_BLOCK))
+        .into_par_iter()
+        .map(|blk| {
+            let n = ROW_BLOCK.min(spec.k - blk * ROW_BLOCK);
+            let mut acc = vec![vec![0f64; n]; e];
+            let mut z = [0f64; ROW_BLOCK];
+            for j in 0..spec.d {
+                match kind {
+                    ProjectorKind::Normal => gaussian_block(seed, j as u64, blk as u64, &mut z[..n]),
+                    _ => {
+                        let bits = hash(seed, &[j as u64, blk as u64]);
+                        for (b, zb) in z[..n].iter_mut().enumerate() {
+                            *zb = if (bits >> b) & 1 == 1 { 1.0 } else { -1.0 };
+                        }
+                    }
+                }
+                for (a, g) in acc.iter_mut().zip(grads) {
+                    let v = g[j] as f64;
+                    for (x, zb) in a.iter_mut().zip(&z) {
+                        *x += v * zb;
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    let scale = 1.0 / (spec.k as f64).sqrt();
+    Ok((0..e).map(|i| blocks.iter().flat_map(|b| b[i].iter().map(|&a| (a * scale) as f32)).collect()).collect())
+}
+
 /// Adds the coordinates `values` (global indices from `first`) into the `N` blocks of
 /// `block` rows that make up `rows`. `key` already carries the group index (low 16 bits).
 /// `N` is a constant so that the per-block work unrolls.
@@ -294,6 +342,19 @@ mod tests {
             }
             let want: Vec<f32> = acc.iter().map(|a| (a / (sparsity as f64).sqrt()) as f32).collect();
             assert_eq!(project(&spec, &v, 97), want, "sparsity {sparsity}");
+        }
+    }
+
+    #[test]
+    fn projecting_together_gives_the_same_bits() {
+        let vs: Vec<Vec<f32>> = (0..3).map(|s| vector(20 + s, 700)).collect();
+        for kind in [ProjectorKind::Normal, ProjectorKind::Rademacher, ProjectorKind::Sparse] {
+            // k not a multiple of the row block: the last block is partial.
+            let spec = ProjectorSpec::new(kind, 9, Some(200), 700, 8).unwrap();
+            let together = project_all(&spec, &vs).unwrap();
+            for (v, t) in vs.iter().zip(&together) {
+                assert_eq!(&project(&spec, v, 123), t, "{kind:?}");
+            }
         }
     }
 

@@ -78,6 +78,7 @@ impl Finetune {
             seed: self.seed,
             segment: self.segment,
             cond_dropout: self.cond_dropout,
+            full_batch: false,
         };
         let losses = finetune(&model, &data, &opts, &pb)?;
         pb.finish_and_clear();

@@ -28,12 +28,25 @@ pub struct Validate {
     /// A smaller run (16 subset models, 8 queries, a 2-model ensemble, no normal projector).
     #[arg(long)]
     pub quick: bool,
-    /// Half-subset models M (default 24; --quick 16).
+    /// Half-subset models M (default 32; --quick 16).
     #[arg(long)]
     pub subsets: Option<usize>,
-    /// Query tracks Q (default 12; --quick 8).
+    /// Query tracks Q (default 16; --quick 8).
     #[arg(long)]
     pub queries: Option<usize>,
+    /// Fine-tuning steps of every model (default 60).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Fine-tuning learning rate (default 1e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Regularisation λ of the scores (default 1, as `score`).
+    #[arg(long)]
+    pub lambda: Option<f64>,
+    /// Train every model on the mean loss of all its songs at every step, instead of one
+    /// song per step.
+    #[arg(long)]
+    pub full_batch: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -51,6 +64,19 @@ impl Validate {
         if let Some(q) = self.queries {
             cfg.queries = q;
         }
+        if let Some(x) = self.steps {
+            cfg.steps = x;
+        }
+        if let Some(x) = self.lr {
+            cfg.lr = x;
+        }
+        if let Some(x) = self.lambda {
+            if !(x.is_finite() && x >= 0.0) {
+                anyhow::bail!("--lambda must be a finite number ≥ 0, got {x}");
+            }
+            cfg.lambda = x;
+        }
+        cfg.full_batch = self.full_batch;
         if cfg.subsets > 1000 || cfg.queries > 1000 {
             anyhow::bail!("--subsets and --queries are limited to 1000 each");
         }

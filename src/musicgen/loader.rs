@@ -314,35 +314,125 @@ pub fn from_transformers_tensors(
 // ---------------------------------------------------------------------------------------
 // audiocraft layout
 
-fn yaml_get<'a>(v: &'a Yaml, path: &str) -> Option<&'a Yaml> {
-    let mut cur = v;
+/// `xp.cfg` keeps OmegaConf interpolations (`${encodec.causal}`) unresolved, as audiocraft
+/// writes it; they are resolved against the whole config.
+fn yaml_lookup<'a>(root: &'a Yaml, path: &str, depth: usize) -> Option<&'a Yaml> {
+    let mut cur = root;
     for key in path.split('.') {
         cur = cur.get(key)?;
     }
-    (!cur.is_null()).then_some(cur)
+    match cur {
+        Yaml::Null => None,
+        Yaml::String(s) if s.starts_with("${") && s.ends_with('}') && depth < 8 => {
+            let target = &s[2..s.len() - 1];
+            // Resolvers (`${oc.env:...}`) and relative paths are not followed.
+            if target.contains(':') || target.starts_with('.') {
+                Some(cur)
+            } else {
+                yaml_lookup(root, target, depth + 1)
+            }
+        }
+        v => Some(v),
+    }
+}
+
+fn yaml_get<'a>(v: &'a Yaml, path: &str) -> Option<&'a Yaml> {
+    yaml_lookup(v, path, 0)
 }
 
 fn yaml_usize(v: &Yaml, path: &str) -> Result<usize> {
-    yaml_get(v, path)
-        .and_then(Yaml::as_u64)
-        .map(|x| x as usize)
-        .ok_or_else(|| anyhow!("xp.cfg: missing integer `{path}`"))
+    match yaml_get(v, path) {
+        None => bail!("xp.cfg: missing integer `{path}`"),
+        Some(x) => {
+            x.as_u64().map(|x| x as usize).ok_or_else(|| anyhow!("xp.cfg: `{path}` must be an integer, found {x:?}"))
+        }
+    }
 }
 
-fn yaml_f64_or(v: &Yaml, path: &str, default: f64) -> f64 {
-    yaml_get(v, path).and_then(Yaml::as_f64).unwrap_or(default)
+fn yaml_usize_or(v: &Yaml, path: &str, default: usize) -> Result<usize> {
+    match yaml_get(v, path) {
+        None => Ok(default),
+        Some(_) => yaml_usize(v, path),
+    }
 }
 
-fn yaml_bool_or(v: &Yaml, path: &str, default: bool) -> bool {
-    yaml_get(v, path).and_then(Yaml::as_bool).unwrap_or(default)
+fn yaml_f64_or(v: &Yaml, path: &str, default: f64) -> Result<f64> {
+    match yaml_get(v, path) {
+        None => Ok(default),
+        Some(x) => x.as_f64().ok_or_else(|| anyhow!("xp.cfg: `{path}` must be a number, found {x:?}")),
+    }
 }
 
-fn yaml_str<'a>(v: &'a Yaml, path: &str) -> Option<&'a str> {
-    yaml_get(v, path).and_then(Yaml::as_str)
+fn yaml_bool_or(v: &Yaml, path: &str, default: bool) -> Result<bool> {
+    match yaml_get(v, path) {
+        None => Ok(default),
+        Some(x) => x.as_bool().ok_or_else(|| anyhow!("xp.cfg: `{path}` must be true or false, found {x:?}")),
+    }
+}
+
+fn yaml_str<'a>(v: &'a Yaml, path: &str) -> Result<Option<&'a str>> {
+    match yaml_get(v, path) {
+        None => Ok(None),
+        Some(x) => x.as_str().map(Some).ok_or_else(|| anyhow!("xp.cfg: `{path}` must be a string, found {x:?}")),
+    }
 }
 
 fn parse_xp_cfg(path: &Path, text: &str) -> Result<Yaml> {
     serde_yaml::from_str(text).with_context(|| format!("{}: `xp.cfg` is not valid YAML", path.display()))
+}
+
+/// A list of condition names at `path` (absent or null: empty); anything else is an error.
+fn yaml_names(xp: &Yaml, path: &str) -> Result<Vec<String>> {
+    match yaml_get(xp, path) {
+        None => Ok(Vec::new()),
+        Some(Yaml::Sequence(items)) => items
+            .iter()
+            .map(|i| {
+                i.as_str().map(str::to_string).ok_or_else(|| anyhow!("xp.cfg: `{path}` must list names, found {i:?}"))
+            })
+            .collect(),
+        Some(other) => bail!("xp.cfg: `{path}` must be a list of condition names, found {other:?}"),
+    }
+}
+
+/// How the text reaches the LM, as audiocraft's model builder decides it
+/// (`audiocraft/models/builders.py`, `get_lm_model`): cross-attention is on whenever
+/// `fuser.cross` lists a condition, whatever `transformer_lm.cross_attention` says (real
+/// exports say `false`). Only what this model cannot run is refused, naming the key.
+fn check_conditioning(xp: &Yaml) -> Result<()> {
+    let cross = yaml_names(xp, "fuser.cross")?;
+    let flag = match yaml_get(xp, "transformer_lm.cross_attention") {
+        None => false,
+        Some(Yaml::Bool(b)) => *b,
+        Some(other) => bail!("xp.cfg: `transformer_lm.cross_attention` must be true or false, found {other:?}"),
+    };
+    for key in ["fuser.prepend", "fuser.sum", "fuser.input_interpolate"] {
+        let names = yaml_names(xp, key)?;
+        if !names.is_empty() {
+            let what = if names.iter().any(|n| n == "self_wav") { " (melody/chroma conditioning)" } else { "" };
+            bail!(
+                "xp.cfg: `{key}: [{}]`{what} is not supported: this model conditions on text through cross-attention only",
+                names.join(", ")
+            );
+        }
+    }
+    if cross.is_empty() && !flag {
+        bail!("xp.cfg: `fuser.cross` lists no condition and `transformer_lm.cross_attention` is false: an LM without text conditioning is not supported");
+    }
+    if let Some(other) = cross.iter().find(|n| n.as_str() != "description") {
+        bail!(
+            "xp.cfg: `fuser.cross: [{}]`: condition `{other}` is not supported (only `description`)",
+            cross.join(", ")
+        );
+    }
+    for key in ["fuser.cross_attention_pos_emb", "transformer_lm.cross_attention_pos_emb"] {
+        if let Some(v) = yaml_get(xp, key) {
+            if v.as_bool() != Some(false) {
+                bail!("xp.cfg: `{key}: {v:?}` is not supported (only false)");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// LM hyper-parameters from an audiocraft `xp.cfg`.
@@ -367,15 +457,15 @@ fn lm_config_from_xp(xp: &Yaml, cond_dim: usize) -> Result<(LmConfig, usize)> {
     check("positional_embedding", "sin")?;
     check("bias_attn", "false")?;
     check("bias_ff", "false")?;
-    check("cross_attention", "true")?;
     check("qk_layer_norm", "false")?;
-    let modeling = yaml_str(xp, "codebooks_pattern.modeling").unwrap_or("delay");
+    check_conditioning(xp)?;
+    let modeling = yaml_str(xp, "codebooks_pattern.modeling")?.unwrap_or("delay");
     if modeling != "delay" {
         bail!("xp.cfg: codebook pattern `{modeling}` is not supported (only `delay`)");
     }
     let dim = yaml_usize(xp, &format!("{t}.dim"))?;
     let n_q = yaml_usize(xp, &format!("{t}.n_q"))?;
-    let channels = yaml_get(xp, "channels").and_then(Yaml::as_u64).unwrap_or(1) as usize;
+    let channels = yaml_usize_or(xp, "channels", 1)?;
     let delays = match yaml_get(xp, "codebooks_pattern.delay.delays").and_then(Yaml::as_sequence) {
         Some(seq) => seq
             .iter()
@@ -384,7 +474,7 @@ fn lm_config_from_xp(xp: &Yaml, cond_dim: usize) -> Result<(LmConfig, usize)> {
             .ok_or_else(|| anyhow!("xp.cfg: `codebooks_pattern.delay.delays` must be integers"))?,
         None => delay_pattern(n_q, channels),
     };
-    let hidden_scale = yaml_f64_or(xp, &format!("{t}.hidden_scale"), 4.0);
+    let hidden_scale = yaml_f64_or(xp, &format!("{t}.hidden_scale"), 4.0)?;
     let cfg = LmConfig {
         dim,
         num_heads: yaml_usize(xp, &format!("{t}.num_heads"))?,
@@ -396,40 +486,98 @@ fn lm_config_from_xp(xp: &Yaml, cond_dim: usize) -> Result<(LmConfig, usize)> {
         cond_dim,
         cond_proj: true,
         norm_eps: 1e-5,
-        max_period: yaml_f64_or(xp, &format!("{t}.max_period"), 10_000.0),
+        max_period: yaml_f64_or(xp, &format!("{t}.max_period"), 10_000.0)?,
         scale_embedding: false,
     };
     Ok((cfg, channels))
 }
 
-fn generation_from_xp(xp: &Yaml) -> GenerationDefaults {
+fn generation_from_xp(xp: &Yaml) -> Result<GenerationDefaults> {
     let d = GenerationDefaults::default();
-    GenerationDefaults {
-        guidance_scale: yaml_f64_or(xp, "classifier_free_guidance.inference_coef", d.guidance_scale),
-        top_k: yaml_get(xp, "generate.lm.top_k").and_then(Yaml::as_u64).map_or(d.top_k, |x| x as usize),
-        top_p: yaml_f64_or(xp, "generate.lm.top_p", d.top_p),
-        temperature: yaml_f64_or(xp, "generate.lm.temp", d.temperature),
-        use_sampling: yaml_bool_or(xp, "generate.lm.use_sampling", d.use_sampling),
-        window_seconds: yaml_f64_or(xp, "dataset.segment_duration", d.window_seconds),
+    Ok(GenerationDefaults {
+        guidance_scale: yaml_f64_or(xp, "classifier_free_guidance.inference_coef", d.guidance_scale)?,
+        top_k: yaml_usize_or(xp, "generate.lm.top_k", d.top_k)?,
+        top_p: yaml_f64_or(xp, "generate.lm.top_p", d.top_p)?,
+        temperature: yaml_f64_or(xp, "generate.lm.temp", d.temperature)?,
+        use_sampling: yaml_bool_or(xp, "generate.lm.use_sampling", d.use_sampling)?,
+        window_seconds: yaml_f64_or(xp, "dataset.segment_duration", d.window_seconds)?,
+    })
+}
+
+/// The keys of audiocraft's `seanet` config (`config/model/encodec/default.yaml`): every
+/// one must be there, and nothing else may be, so that a setting this port does not know
+/// never passes silently.
+const SEANET_KEYS: &[&str] = &[
+    "activation",
+    "activation_params",
+    "causal",
+    "channels",
+    "compress",
+    "decoder",
+    "dilation_base",
+    "dimension",
+    "disable_norm_outer_blocks",
+    "encoder",
+    "kernel_size",
+    "last_kernel_size",
+    "lstm",
+    "n_filters",
+    "n_residual_layers",
+    "norm",
+    "norm_params",
+    "pad_mode",
+    "ratios",
+    "residual_kernel_size",
+    "true_skip",
+];
+
+fn check_seanet_keys(xp: &Yaml) -> Result<()> {
+    let seanet = xp.get("seanet").and_then(Yaml::as_mapping).ok_or_else(|| anyhow!("xp.cfg: no `seanet` section"))?;
+    for k in seanet.keys() {
+        let k = k.as_str().ok_or_else(|| anyhow!("xp.cfg: a `seanet` key is not a string: {k:?}"))?;
+        if !SEANET_KEYS.contains(&k) {
+            bail!("xp.cfg: unknown key `seanet.{k}`: this codec setting is not supported");
+        }
     }
+    for k in SEANET_KEYS
+        .iter()
+        .filter(|k| !["encoder", "decoder", "activation_params", "norm_params", "channels"].contains(k))
+    {
+        if yaml_get(xp, &format!("seanet.{k}")).is_none() && !matches!(seanet.get(*k), Some(Yaml::Null)) {
+            bail!("xp.cfg: missing `seanet.{k}`");
+        }
+    }
+    if yaml_usize_or(xp, "seanet.disable_norm_outer_blocks", 0)? != 0 {
+        bail!("xp.cfg: `seanet.disable_norm_outer_blocks` other than 0 is not supported");
+    }
+    if let Some(a) = yaml_get(xp, "seanet.activation_params.alpha") {
+        if a.as_f64() != Some(1.0) {
+            bail!("xp.cfg: `seanet.activation_params.alpha: {a:?}` is not supported (1.0)");
+        }
+    }
+    if let Some(f) = yaml_get(xp, "seanet.decoder.final_activation") {
+        bail!("xp.cfg: `seanet.decoder.final_activation: {f:?}` is not supported (null)");
+    }
+    Ok(())
 }
 
 /// Codec hyper-parameters from an audiocraft compression `xp.cfg`.
 fn codec_config_from_xp(xp: &Yaml) -> Result<CodecConfig> {
     let s = "seanet";
+    check_seanet_keys(xp)?;
     let ratios = yaml_get(xp, &format!("{s}.ratios"))
         .and_then(Yaml::as_sequence)
         .and_then(|r| r.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
         .ok_or_else(|| anyhow!("xp.cfg: missing `seanet.ratios`"))?;
-    let act = yaml_str(xp, &format!("{s}.activation")).unwrap_or("ELU");
+    let act = yaml_str(xp, &format!("{s}.activation"))?.unwrap_or("ELU");
     if act != "ELU" {
         bail!("xp.cfg: codec activation `{act}` is not supported (ELU)");
     }
-    let norm = yaml_str(xp, &format!("{s}.norm")).unwrap_or("weight_norm");
+    let norm = yaml_str(xp, &format!("{s}.norm"))?.unwrap_or("weight_norm");
     if norm != "weight_norm" && norm != "none" {
         bail!("xp.cfg: codec norm `{norm}` is not supported (weight_norm)");
     }
-    let pad_mode = match yaml_str(xp, &format!("{s}.pad_mode")).unwrap_or("reflect") {
+    let pad_mode = match yaml_str(xp, &format!("{s}.pad_mode"))?.unwrap_or("reflect") {
         "reflect" => PadMode::Reflect,
         "constant" => PadMode::Constant,
         other => bail!("xp.cfg: codec pad_mode `{other}` is not supported"),
@@ -437,7 +585,7 @@ fn codec_config_from_xp(xp: &Yaml) -> Result<CodecConfig> {
     let dimension = yaml_usize(xp, &format!("{s}.dimension"))?;
     Ok(CodecConfig {
         sample_rate: yaml_usize(xp, "sample_rate")?,
-        channels: yaml_get(xp, "channels").and_then(Yaml::as_u64).unwrap_or(1) as usize,
+        channels: yaml_usize_or(xp, "channels", 1)?,
         dimension,
         n_filters: yaml_usize(xp, &format!("{s}.n_filters"))?,
         ratios,
@@ -446,12 +594,13 @@ fn codec_config_from_xp(xp: &Yaml) -> Result<CodecConfig> {
         residual_kernel_size: yaml_usize(xp, &format!("{s}.residual_kernel_size"))?,
         dilation_base: yaml_usize(xp, &format!("{s}.dilation_base"))?,
         n_residual_layers: yaml_usize(xp, &format!("{s}.n_residual_layers"))?,
-        lstm_layers: yaml_get(xp, &format!("{s}.lstm")).and_then(Yaml::as_u64).unwrap_or(0) as usize,
+        // Required: a missing `lstm` must not silently mean "no LSTM".
+        lstm_layers: yaml_usize(xp, &format!("{s}.lstm"))?,
         compress: yaml_usize(xp, &format!("{s}.compress"))?,
-        conv_shortcut: !yaml_bool_or(xp, &format!("{s}.true_skip"), true),
+        conv_shortcut: !yaml_bool_or(xp, &format!("{s}.true_skip"), true)?,
         pad_mode,
-        causal: yaml_bool_or(xp, &format!("{s}.causal"), false),
-        trim_right_ratio: yaml_f64_or(xp, &format!("{s}.decoder.trim_right_ratio"), 1.0),
+        causal: yaml_bool_or(xp, &format!("{s}.causal"), false)?,
+        trim_right_ratio: yaml_f64_or(xp, &format!("{s}.decoder.trim_right_ratio"), 1.0)?,
         n_q: yaml_usize(xp, "rvq.n_q")?,
         card: yaml_usize(xp, "rvq.bins")?,
         codebook_dim: yaml_get(xp, "rvq.dimension").and_then(Yaml::as_u64).map_or(dimension, |x| x as usize),
@@ -481,7 +630,7 @@ fn load_audiocraft_codec(
                 anyhow!("{}: neither a codec (`best_state`) nor a `pretrained` pointer", path.display())
             })?
         }
-        None => match yaml_str(lm_xp, "compression_model_checkpoint") {
+        None => match yaml_str(lm_xp, "compression_model_checkpoint")? {
             Some(p) => p.trim_start_matches("//pretrained/").to_string(),
             None => bail!(
                 "{}: no compression_state_dict.bin (or compressed_state_dict.bin) and no `compression_model_checkpoint` in xp.cfg",
@@ -514,14 +663,14 @@ fn load_audiocraft(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Mu
     let (lm_cfg, channels) =
         lm_config_from_xp(&xp, cond_dim).with_context(|| format!("{}: unsupported LM config", lm_path.display()))?;
     let (codec_cfg, codec, codec_origin) = load_audiocraft_codec(dir, &xp, opts)?;
-    let t5_name = yaml_str(&xp, "conditioners.description.t5.name").unwrap_or("t5-base");
+    let t5_name = yaml_str(&xp, "conditioners.description.t5.name")?.unwrap_or("t5-base");
     let t5_dir = resolve_pretrained("T5 text encoder", t5_name, opts.t5.as_deref(), "--t5")?;
     let (t5_cfg, t5_store, tokenizer) = load_t5_dir(&t5_dir, device)?;
     let cfg = MusicgenConfig {
         lm: lm_cfg,
         codec: codec_cfg,
         t5: t5_cfg,
-        generation: generation_from_xp(&xp),
+        generation: generation_from_xp(&xp)?,
         audio_channels: channels,
     };
     cfg.validate().with_context(|| format!("{}: the LM, codec and T5 do not fit together", dir.display()))?;
@@ -567,5 +716,42 @@ mod tests {
         );
         assert_eq!(codec_name("quantizer.vq.layers.2._codebook.embed"), "quantizer.layers.2.codebook.embed");
         assert_eq!(codec_name("decoder.model.1.lstm.weight_ih_l0"), "decoder.layers.1.lstm.weight_ih_l0");
+    }
+
+    fn xp(text: &str) -> Yaml {
+        serde_yaml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn conditioning_follows_the_fuser_as_audiocraft_builds_it() {
+        // Real exports: cross_attention false, the fuser routes the description to cross-attention.
+        let real = "transformer_lm: {cross_attention: false}\nfuser: {cross_attention_pos_emb: false, sum: [], prepend: [], cross: [description], input_interpolate: []}";
+        check_conditioning(&xp(real)).unwrap();
+        check_conditioning(&xp("transformer_lm: {cross_attention: true}\nfuser: {cross: [description]}")).unwrap();
+        let refused = [
+            ("transformer_lm: {cross_attention: false}\nfuser: {cross: [description], prepend: [self_wav]}", "melody"),
+            ("transformer_lm: {cross_attention: false}\nfuser: {cross: []}", "without text conditioning"),
+            ("fuser: {cross: [description], cross_attention_pos_emb: true}", "cross_attention_pos_emb"),
+            ("fuser: {cross: [description, genre]}", "genre"),
+            ("fuser: {cross: description}", "list"),
+            ("transformer_lm: {cross_attention: maybe}\nfuser: {cross: [description]}", "true or false"),
+        ];
+        for (text, needle) in refused {
+            let e = format!("{:#}", check_conditioning(&xp(text)).unwrap_err());
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn interpolations_resolve_and_wrong_types_are_errors() {
+        let v =
+            xp("encodec: {causal: true}\nseanet: {causal: '${encodec.causal}', lstm: two, ratios: [8, 5]}\nrate: 3.5");
+        assert!(yaml_bool_or(&v, "seanet.causal", false).unwrap());
+        assert!(format!("{:#}", yaml_usize(&v, "seanet.lstm").unwrap_err()).contains("must be an integer"));
+        assert!(format!("{:#}", yaml_bool_or(&v, "rate", false).unwrap_err()).contains("true or false"));
+        assert_eq!(yaml_f64_or(&v, "missing.key", 2.0).unwrap(), 2.0);
+        // A missing or unknown seanet key is an error, not a default.
+        let e = format!("{:#}", check_seanet_keys(&v).unwrap_err());
+        assert!(e.contains("missing `seanet."), "{e}");
     }
 }
