@@ -104,3 +104,48 @@ fn gradient_order_is_decoder_then_lm_and_covers_every_parameter() {
     assert!(names.iter().any(|n| n.ends_with("weight_g")) && names.iter().any(|n| n.ends_with("weight_v")));
     assert!(names.iter().any(|n| n.ends_with("in_proj_weight")));
 }
+
+#[test]
+fn streamed_projection_equals_projecting_the_whole_gradient() {
+    // Three windows: the LM's per-window gradients are projected as they come (in layer
+    // order, top down) and added; that must equal projecting the summed, ordered gradient.
+    use spintrak::attribution::{AudioNllObjective, ProjectorKind, ProjectorSpec};
+    let model = tiny_f64(0.4);
+    let generation = objective(0.24);
+    let ex = Example::generated("x", "slow sad piano", 0.7, 3);
+    let nll = AudioNllObjective::default();
+    let gen_prepared = generation.prepare(&model, &ex, None).unwrap();
+    let codes = gen_prepared.generation.frames.clone();
+    let t5 = model.encode_text("slow sad piano").unwrap();
+    let nll_prepared = spintrak::attribution::objective::prepared_from_codes(&model, codes, t5).unwrap();
+    assert_eq!(nll_prepared.generation.windows.len(), 2); // 35 frames in windows of 20
+    let cases: [(&dyn Objective, &spintrak::attribution::Prepared); 2] =
+        [(&generation, &gen_prepared), (&nll, &nll_prepared)];
+    for (obj, prepared) in cases {
+        let (dec, lm) = spintrak::attribution::gradient_dim(&model, obj);
+        for kind in [ProjectorKind::Sparse, ProjectorKind::Normal] {
+            let spec = ProjectorSpec::new(kind, 5, Some(64), dec + lm, 8).unwrap();
+            let mut whole = spec.start();
+            let mut offset = 0;
+            for_each_gradient(&model, obj, prepared, &mut Timings::default(), |_, g| {
+                let v: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                whole.update(offset, &v)?;
+                offset += v.len();
+                Ok(())
+            })
+            .unwrap();
+            let want = whole.finish().unwrap();
+            let got = spintrak::attribution::gradient::project_gradient(
+                &model,
+                obj,
+                &spec,
+                prepared,
+                &mut Timings::default(),
+            )
+            .unwrap();
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-5 * scale, "{} {kind:?}: {err} vs scale {scale}", obj.info().name);
+        }
+    }
+}

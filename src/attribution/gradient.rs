@@ -66,7 +66,7 @@ pub fn for_each_gradient(
     let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
     for part in 0..objective.lm_parts(prepared) {
         let t = Instant::now();
-        lm_part_gradients(model, &lm, objective, prepared, part, &params, &mut acc)?;
+        lm_part_gradients(model, &lm, objective, prepared, part, &params, &mut |i, g| accumulate(&mut acc[i], g))?;
         timings.backward += t.elapsed().as_secs_f64();
     }
     drop(lm);
@@ -105,7 +105,7 @@ fn codec_gradients(
         for i in (0..codec.decoder.num_layers()).rev() {
             let input = Var::from_tensor(&inputs[i])?;
             let mut grads = (codec.decoder.layer(i, input.as_tensor())? * &upstream)?.sum_all()?.backward()?;
-            take_param_grads(&mut grads, &decoder_params, &mut acc)?;
+            take_param_grads(&mut grads, &decoder_params, &mut |i, g| accumulate(&mut acc[i], g))?;
             if i > 0 {
                 upstream = grads
                     .remove(input.as_tensor())
@@ -127,16 +127,26 @@ fn codec_gradients(
     Ok(())
 }
 
-/// Adds the gradients of `params` found in `grads` to `acc`.
-fn take_param_grads(grads: &mut GradStore, params: &[(String, Var)], acc: &mut [Option<Tensor>]) -> Result<()> {
-    for ((_, var), slot) in params.iter().zip(acc.iter_mut()) {
+/// `slot += g`.
+fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *slot = Some(match slot.take() {
+        None => g,
+        Some(a) => (a + g)?,
+    });
+    Ok(())
+}
+
+/// Hands the gradients of `params` found in `grads` to `take` (by parameter index).
+fn take_param_grads(
+    grads: &mut GradStore,
+    params: &[(String, Var)],
+    take: &mut dyn FnMut(usize, Tensor) -> Result<()>,
+) -> Result<()> {
+    for (i, (_, var)) in params.iter().enumerate() {
         // Detached: a gradient computed from variables carries its own graph, which would
         // keep the layer's activations alive.
         if let Some(g) = grads.remove(var.as_tensor()).map(|g| g.detach()) {
-            *slot = Some(match slot.take() {
-                None => g,
-                Some(a) => (a + g)?,
-            });
+            take(i, g)?;
         }
     }
     Ok(())
@@ -154,7 +164,7 @@ fn lm_part_gradients(
     prepared: &Prepared,
     part: usize,
     params: &[(String, Var)],
-    acc: &mut [Option<Tensor>],
+    take: &mut dyn FnMut(usize, Tensor) -> Result<()>,
 ) -> Result<()> {
     let (tokens, n_cond) = objective.lm_input(model, prepared, part)?;
     let plain = &model.lm; // same weights, no autograd graph
@@ -171,7 +181,7 @@ fn lm_part_gradients(
     let mut grads = value.backward()?;
     let mut upstream =
         grads.remove(top.as_tensor()).ok_or_else(|| anyhow!("no gradient reached the LM output"))?.detach();
-    take_param_grads(&mut grads, params, acc)?;
+    take_param_grads(&mut grads, params, take)?;
     drop(grads);
     // Layers, top to bottom.
     let mut d_states: Option<Tensor> = None;
@@ -189,14 +199,14 @@ fn lm_part_gradients(
                 Some(a) => (a + g)?,
             });
         }
-        take_param_grads(&mut grads, params, acc)?;
+        take_param_grads(&mut grads, params, take)?;
     }
     // Embeddings, then the conditioning projection.
     let mut grads = (lm.embed(&tokens, 0)? * &upstream)?.sum_all()?.backward()?;
-    take_param_grads(&mut grads, params, acc)?;
+    take_param_grads(&mut grads, params, take)?;
     if let Some(d) = d_states {
         let mut grads = (lm.project_condition(&prepared.t5)? * d)?.sum_all()?.backward()?;
-        take_param_grads(&mut grads, params, acc)?;
+        take_param_grads(&mut grads, params, take)?;
     }
     Ok(())
 }
@@ -222,6 +232,60 @@ pub fn embed(
     Ok((embedding, prepared, timings))
 }
 
+/// The projected gradient, computed so that ∇θ is never whole in memory: the codec
+/// decoder's part (small) is accumulated and projected, then every LM parameter's gradient
+/// is projected as soon as its layer's backward gives it, window by window (projection is
+/// linear, so the windows' projections add up to the projection of their sum).
+pub fn project_gradient(
+    model: &MusicGen,
+    objective: &dyn Objective,
+    spec: &ProjectorSpec,
+    prepared: &Prepared,
+    timings: &mut Timings,
+) -> Result<Vec<f32>> {
+    let mut projection = spec.start();
+    let mut offset = 0usize;
+    if objective.differentiates_codec() {
+        codec_gradients(model, objective, prepared, timings, &mut |_, g| {
+            let values: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            projection.add(offset, &values)?;
+            offset += values.len();
+            Ok(())
+        })?;
+    }
+    let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
+    let params = model.lm_params.params();
+    let mut offsets = Vec::with_capacity(params.len());
+    for (_, v) in &params {
+        offsets.push(offset);
+        offset += v.elem_count();
+    }
+    let parts = objective.lm_parts(prepared);
+    let mut seen = vec![0usize; params.len()];
+    let mut project_seconds = 0.0;
+    for part in 0..parts {
+        let t = Instant::now();
+        lm_part_gradients(model, &lm, objective, prepared, part, &params, &mut |i, g| {
+            let tp = Instant::now();
+            let values: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            drop(g);
+            projection.add(offsets[i], &values)?;
+            seen[i] += 1;
+            project_seconds += tp.elapsed().as_secs_f64();
+            Ok(())
+        })?;
+        timings.backward += t.elapsed().as_secs_f64();
+    }
+    timings.backward -= project_seconds;
+    timings.project += project_seconds;
+    if let Some(i) = seen.iter().position(|&n| n != parts) {
+        return Err(missing(&params[i].0));
+    }
+    // The codec part once, the LM's once per window.
+    let codec_len = offsets.first().copied().unwrap_or(offset);
+    projection.finish_added(codec_len + (offset - codec_len) * parts)
+}
+
 /// Differentiates and projects an example already prepared.
 pub fn embed_prepared(
     model: &MusicGen,
@@ -239,15 +303,7 @@ pub fn embed_prepared(
             dec + lm
         );
     }
-    let mut projection = spec.start();
-    let mut offset = 0usize;
-    for_each_gradient(model, objective, &prepared, &mut timings, |_, g| {
-        let values: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-        projection.update(offset, &values)?;
-        offset += values.len();
-        Ok(())
-    })?;
-    let embedding = projection.finish()?;
+    let embedding = project_gradient(model, objective, spec, &prepared, &mut timings)?;
     if let Some(bad) = embedding.iter().position(|x| !x.is_finite()) {
         bail!("the gradient is not finite (entry {bad} of the embedding): the model or the input holds NaN or infinite values");
     }

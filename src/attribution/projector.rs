@@ -86,7 +86,7 @@ impl ProjectorSpec {
 
     /// A fresh accumulator for one example.
     pub fn start(&self) -> Projection {
-        Projection { spec: self.clone(), acc: vec![0.0; self.k], next: 0 }
+        Projection { spec: self.clone(), acc: vec![0.0; self.k], next: 0, added: 0 }
     }
 }
 
@@ -99,23 +99,36 @@ pub struct Projection {
     acc: Vec<f64>,
     /// Next expected global index: pieces must come in order, without gaps.
     next: usize,
+    /// Entries given through `add` (any order; a range may come several times).
+    added: usize,
 }
 
 impl Projection {
-    /// Adds the gradient entries `values` at global indices `offset..offset+len`.
+    /// Adds the gradient entries `values` at global indices `offset..offset+len`, in order
+    /// and without gaps (checked by `finish`).
     pub fn update(&mut self, offset: usize, values: &[f32]) -> Result<()> {
         if offset != self.next {
             bail!("projection fed out of order: expected index {}, got {offset}", self.next);
         }
+        self.next += values.len();
+        self.add(offset, values)?;
+        self.added -= values.len();
+        Ok(())
+    }
+
+    /// Adds `P[:, offset..offset+len] · values` in any order: the projection is linear, so
+    /// pieces of a sum (one per generation window) may come one after another. Finish
+    /// with `finish_added`.
+    pub fn add(&mut self, offset: usize, values: &[f32]) -> Result<()> {
         if offset + values.len() > self.spec.d {
             bail!("gradient longer than the projector's D = {}", self.spec.d);
         }
-        self.next += values.len();
+        self.added += values.len();
         let seed = self.spec.seed;
         match self.spec.kind {
             ProjectorKind::Identity => {
                 for (a, &v) in self.acc[offset..].iter_mut().zip(values) {
-                    *a = v as f64;
+                    *a += v as f64;
                 }
             }
             ProjectorKind::Rademacher => {
@@ -163,11 +176,23 @@ impl Projection {
         Ok(())
     }
 
-    /// The finished k-dimensional embedding.
+    /// The finished k-dimensional embedding of a gradient fed with `update`.
     pub fn finish(self) -> Result<Vec<f32>> {
         if self.next != self.spec.d {
             bail!("projection incomplete: {} of {} gradient entries", self.next, self.spec.d);
         }
+        self.scaled()
+    }
+
+    /// The finished embedding of pieces fed with `add`, which must total `expected` entries.
+    pub fn finish_added(self, expected: usize) -> Result<Vec<f32>> {
+        if self.added != expected {
+            bail!("projection incomplete: {} of {expected} gradient entries", self.added);
+        }
+        self.scaled()
+    }
+
+    fn scaled(self) -> Result<Vec<f32>> {
         let scale = match self.spec.kind {
             ProjectorKind::Identity => 1.0,
             ProjectorKind::Normal | ProjectorKind::Rademacher => 1.0 / (self.spec.k as f64).sqrt(),
