@@ -6,8 +6,34 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed
-/// and synced, then renamed over the target.
+/// and synced, then renamed over the target. A writer never replaces what is not a file
+/// of its own kind: a symbolic link is written through (its target is replaced, the link
+/// kept), a character device or FIFO (`/dev/null`, `/dev/stdout`, a named pipe) is written
+/// into directly, and a directory or other special file is refused.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(link) = std::fs::symlink_metadata(path) {
+        if link.file_type().is_symlink() {
+            let target = std::fs::canonicalize(path).with_context(|| {
+                format!("{}: a symbolic link whose target cannot be resolved; give another output", path.display())
+            })?;
+            return write_atomic(&target, bytes);
+        }
+        let ft = link.file_type();
+        if ft.is_char_device() || ft.is_fifo() {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("{}: cannot open for writing", path.display()))?;
+            return f.write_all(bytes).with_context(|| format!("{}: write failed", path.display()));
+        }
+        if ft.is_dir() {
+            anyhow::bail!("{}: is a directory; give a file name", path.display());
+        }
+        if !ft.is_file() {
+            anyhow::bail!("{}: not a regular file (a socket or block device?); it is left alone", path.display());
+        }
+    }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -29,4 +55,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_fifos_and_links_are_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        // A regular file is replaced atomically.
+        let f = dir.path().join("a.bin");
+        write_atomic(&f, b"one").unwrap();
+        write_atomic(&f, b"two").unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"two");
+        // A symlink stays a symlink; its target gets the bytes.
+        let link = dir.path().join("link.bin");
+        std::os::unix::fs::symlink(&f, &link).unwrap();
+        write_atomic(&link, b"three").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&f).unwrap(), b"three");
+        // /dev/null stays a character device.
+        write_atomic(Path::new("/dev/null"), b"discarded").unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+        // A FIFO is written into (a reader on the other end gets the bytes).
+        let fifo = dir.path().join("pipe");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(status.success());
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(&fifo).unwrap())
+        };
+        write_atomic(&fifo, b"through the pipe").unwrap();
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        // A directory is refused.
+        assert!(write_atomic(dir.path(), b"x").is_err());
+    }
 }

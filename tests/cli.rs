@@ -207,3 +207,43 @@ fn unsupported_config_is_explained() {
     );
     assert_clean_error(&o, &["config.json", "relu"]);
 }
+
+#[test]
+fn outputs_never_destroy_inputs_or_special_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // init-model over an existing model: refused without --force.
+    let m = d.join("m");
+    let m_s = m.to_str().unwrap();
+    assert!(spintrak(&["init-model", m_s, "--tiny"], &[]).status.success());
+    let before = std::fs::read(m.join("model.safetensors")).unwrap();
+    assert_clean_error(&spintrak(&["init-model", m_s, "--tiny", "--seed", "9"], &[]), &["--force", "m"]);
+    assert_eq!(std::fs::read(m.join("model.safetensors")).unwrap(), before);
+    assert!(spintrak(&["init-model", m_s, "--tiny", "--seed", "9", "--force"], &[]).status.success());
+    assert_ne!(std::fs::read(m.join("model.safetensors")).unwrap(), before);
+    // finetune --output equal to --model, the walk's --output inside --input.
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let o = spintrak(&["finetune", "--model", m_s, "--input", data.to_str().unwrap(), "--output", m_s], &[]);
+    assert_clean_error(&o, &["--output", "--model"]);
+    let inside = data.join("out.bin");
+    let o = spintrak(
+        &[
+            "generate-training-dataset-parallel",
+            "--input",
+            data.to_str().unwrap(),
+            "--output",
+            inside.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["--output", "--input", "inside"]);
+    // An embedding written to /dev/null leaves it a character device.
+    let o = spintrak(
+        &["generate-gradients", "--prompt", "x", "--duration", "0.2", "--output", "/dev/null", "--quiet"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+}

@@ -60,6 +60,9 @@ impl Finetune {
         if !(0.0..=1.0).contains(&self.cond_dropout) {
             anyhow::bail!("--cond-dropout must be between 0 and 1");
         }
+        if let Some(m) = &self.model.model {
+            super::refuse_overlap(&self.output, "--output", m, "--model", false)?;
+        }
         if self.output.exists() && !self.output.is_dir() {
             anyhow::bail!("{}: exists and is not a directory", self.output.display());
         }

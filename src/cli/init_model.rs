@@ -21,12 +21,23 @@ pub struct InitModel {
     /// Seed of the random weights.
     #[arg(long, default_value_t = super::TINY_SEED)]
     pub seed: u64,
+    /// Overwrite a model already in DIR.
+    #[arg(long)]
+    pub force: bool,
 }
 
 impl InitModel {
     pub fn run(&self) -> Result<()> {
         if !self.tiny {
             bail!("pass --tiny: the built-in tiny model is the only model spintrak can create offline");
+        }
+        let existing =
+            ["config.json", "model.safetensors", "state_dict.bin"].iter().find(|f| self.dir.join(f).exists());
+        if let (Some(f), false) = (existing, self.force) {
+            bail!(
+                "{}: already holds a model ({f}); pass --force to overwrite it, or choose another directory",
+                self.dir.display()
+            );
         }
         tiny::write(&self.dir, self.seed)?;
         eprintln!("wrote the tiny MusicGen to {}", self.dir.display());

@@ -24,6 +24,9 @@ pub struct Merge {
 impl Merge {
     pub fn run(&self) -> Result<()> {
         super::check_output_dir(&self.output)?;
+        for shard in &self.shards {
+            super::refuse_overlap(&self.output, "the output", shard, "the shard", false)?;
+        }
         let files: Vec<(PathBuf, EmbeddingFile)> =
             self.shards.iter().map(|p| Ok((p.clone(), EmbeddingFile::read(p)?))).collect::<Result<_>>()?;
         let (first_path, first) = &files[0];
@@ -43,6 +46,14 @@ impl Merge {
                     first_path.display(),
                     info.count,
                     info.dataset_examples
+                );
+            }
+            if s.index >= s.count {
+                bail!(
+                    "{}: shard index {} is out of range for {} shards; the file is damaged",
+                    path.display(),
+                    s.index,
+                    s.count
                 );
             }
             if let Some(other) = seen[s.index] {

@@ -263,6 +263,42 @@ pub fn check_output_dir(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// A path made absolute and free of `..` and symbolic links where it exists (its parent
+/// otherwise), so that two spellings of one file compare equal.
+fn resolved(p: &std::path::Path) -> std::path::PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    match (p.parent(), p.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir };
+            dir.canonicalize().map(|d| d.join(name)).unwrap_or_else(|_| p.to_path_buf())
+        }
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Refuses, before any work, an output that is one of the command's inputs or (with
+/// `inside`) lies within an input folder, naming both flags.
+pub fn refuse_overlap(
+    output: &std::path::Path,
+    out_flag: &str,
+    input: &std::path::Path,
+    in_flag: &str,
+    inside: bool,
+) -> Result<()> {
+    let (o, i) = (resolved(output), resolved(input));
+    if o == i || (inside && o.starts_with(&i)) {
+        bail!(
+            "{out_flag} {} {} {in_flag} {}: it would overwrite what it reads; choose another output",
+            output.display(),
+            if o == i { "is" } else { "is inside" },
+            input.display()
+        );
+    }
+    Ok(())
+}
+
 /// A progress bar over examples, showing the current file (hidden when `quiet`).
 pub fn progress_bar_examples(quiet: bool, total: u64) -> indicatif::ProgressBar {
     if quiet {

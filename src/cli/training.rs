@@ -146,6 +146,7 @@ impl GenerateTrainingDataset {
             bail!("--offset selects an excerpt of each training file, which the generation objective never reads");
         }
         let shard = resolve_shard(self.shard.as_deref(), self.shards)?;
+        super::refuse_overlap(&self.output, "--output", &self.input, "--input", true)?;
         let dataset = walk(&self.input)?;
         check_output_dir(&self.output)?;
         if dataset.examples.is_empty() {
