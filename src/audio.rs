@@ -380,6 +380,13 @@ pub fn read_excerpt(path: &Path, rate: u32, channels: usize, offset: f64, durati
         None => file_len - start,
     };
     let end = (start + want_src).min(file_len);
+    if (end - start) as f64 / file_rate as f64 > crate::musicgen::model::MAX_SECONDS {
+        anyhow::bail!(
+            "{name}: the excerpt is {:.0} s long, over the {} s limit; pass --duration",
+            (end - start) as f64 / file_rate as f64,
+            crate::musicgen::model::MAX_SECONDS
+        );
+    }
     if let Some(d) = duration {
         if start + want_src > file_len {
             warnings.push(format!(

@@ -247,3 +247,56 @@ fn outputs_never_destroy_inputs_or_special_files() {
     use std::os::unix::fs::FileTypeExt;
     assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
 }
+
+#[test]
+fn sizes_are_bounded_and_messages_name_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("o.wav");
+    let o = spintrak(&["generate-audio", "--prompt", "x", "--duration", "1e6", "--output", out.to_str().unwrap()], &[]);
+    assert!(!o.status.success() && stderr(&o).contains("limit") && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+    // A sidecar saying 1e308 s is refused with the file's name, before any work.
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    spintrak::audio::write_wav(&data.join("a.wav"), &[vec![0.1; 800]], 8000).unwrap();
+    std::fs::write(data.join("a.json"), r#"{"description": "x", "duration": 1e308}"#).unwrap();
+    let o = spintrak(
+        &[
+            "generate-training-dataset-parallel",
+            "--input",
+            data.to_str().unwrap(),
+            "--output",
+            d.join("t.bin").to_str().unwrap(),
+            "--quiet",
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("a.json") && stderr(&o).contains("limit"), "{}", stderr(&o));
+    // A directory given as an embedding file; λ = inf.
+    let o = spintrak(&["score", d.to_str().unwrap(), d.to_str().unwrap()], &[]);
+    assert_clean_error(&o, &["is a directory"]);
+    let emb = d.join("e.bin");
+    assert!(spintrak(
+        &["generate-gradients", "--prompt", "x", "--duration", "0.2", "--output", emb.to_str().unwrap(), "--quiet"],
+        &[]
+    )
+    .status
+    .success());
+    let e = emb.to_str().unwrap();
+    assert_clean_error(&spintrak(&["score", e, e, "--lambda", "inf"], &[]), &["--lambda", "finite"]);
+    // --weight-decay nan is named as such, not as a diverged loss.
+    let o = spintrak(
+        &[
+            "finetune",
+            "--input",
+            data.to_str().unwrap(),
+            "--output",
+            d.join("ft").to_str().unwrap(),
+            "--weight-decay",
+            "nan",
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["--weight-decay"]);
+}

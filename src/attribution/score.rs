@@ -38,8 +38,8 @@ pub fn scores(g: &[f32], m: usize, phi: &[f32], n: usize, k: usize, lambda: f64)
     if g.len() != m * k || phi.len() != n * k {
         bail!("score: matrices do not match their shapes");
     }
-    if lambda.is_nan() || lambda < 0.0 {
-        bail!("--lambda must be ≥ 0, got {lambda}");
+    if !(lambda.is_finite() && lambda >= 0.0) {
+        bail!("--lambda must be a finite number ≥ 0, got {lambda}");
     }
     if n == 0 || m == 0 {
         bail!("score: no {} rows", if n == 0 { "training" } else { "query" });

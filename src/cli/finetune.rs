@@ -57,6 +57,12 @@ impl Finetune {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             anyhow::bail!("--lr must be a positive number, got {}", self.lr);
         }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            anyhow::bail!("--weight-decay must be a finite number ≥ 0, got {}", self.weight_decay);
+        }
+        if self.steps > 10_000_000 {
+            anyhow::bail!("--steps {} is more than 10 million; split the training", self.steps);
+        }
         if !(0.0..=1.0).contains(&self.cond_dropout) {
             anyhow::bail!("--cond-dropout must be between 0 and 1");
         }

@@ -211,11 +211,19 @@ pub fn progress_bar(quiet: bool, message: &str) -> indicatif::ProgressBar {
     pb
 }
 
+pub use crate::musicgen::model::MAX_SECONDS;
+
 /// Parses a positive duration in seconds.
 pub fn parse_duration(s: &str) -> std::result::Result<f64, String> {
     let v: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if v.is_nan() || v <= 0.0 || !v.is_finite() {
         return Err(format!("the duration must be positive, got {s}"));
+    }
+    if v > MAX_SECONDS {
+        return Err(format!(
+            "{s} s is longer than the {MAX_SECONDS} s limit (at 50 frames/s, {:.0} decoding steps); split the audio",
+            v * 50.0
+        ));
     }
     Ok(v)
 }

@@ -32,6 +32,11 @@ impl TrainingExample {
         }
         std::fs::File::open(&self.audio).with_context(|| format!("{}: cannot open", self.rel_path))?;
         let json_name = self.json.display();
+        for p in [&self.audio, &self.json] {
+            if !std::fs::metadata(p).map(|m| m.is_file()).unwrap_or(false) {
+                bail!("{}: not a regular file (a FIFO, device or directory?); it is not read", p.display());
+            }
+        }
         let text = std::fs::read_to_string(&self.json).with_context(|| format!("{json_name}: cannot read"))?;
         if text.trim().is_empty() {
             bail!("{json_name}: the file is empty; expected {{\"description\": \"...\", \"duration\": seconds}}");
@@ -51,6 +56,12 @@ impl TrainingExample {
                 let d = x.as_f64().with_context(|| format!("{json_name}: `duration` must be a number, found {x}"))?;
                 if d.is_nan() || d <= 0.0 {
                     bail!("{json_name}: `duration` must be positive, found {d}");
+                }
+                if d > crate::musicgen::model::MAX_SECONDS {
+                    bail!(
+                        "{json_name}: `duration` {d} s is longer than the {} s limit; pass --duration or fix the file",
+                        crate::musicgen::model::MAX_SECONDS
+                    );
                 }
                 d
             }

@@ -122,21 +122,69 @@ pub fn read_pickle_tensors(path: &Path, key: Option<&str>) -> Result<HashMap<Str
 fn read_storage(path: &Path, zip: &mut Zip, info: &candle_core::pickle::TensorInfo) -> Result<Option<Tensor>> {
     use std::io::Read;
     let layout = &info.layout;
-    let fortran = layout.is_fortran_contiguous();
-    if !layout.is_contiguous() && !fortran {
-        bail!("{}: tensor `{}` is stored non-contiguously; re-save it contiguous", path.display(), info.name);
+    let size = info.dtype.size_in_bytes();
+    // Candle's pickle reader gives the storage offset in bytes already.
+    let start = layout.start_offset();
+    if !start.is_multiple_of(size) {
+        bail!("{}: tensor `{}` starts inside an element; the checkpoint is damaged", path.display(), info.name);
     }
+    let (dims, strides) = (layout.dims().to_vec(), layout.stride().to_vec());
+    let n = layout.shape().elem_count();
+    // The elements a view reaches: offset + Σ (dim − 1)·stride, all inside its storage.
+    let reach = dims.iter().zip(&strides).try_fold(start / size, |acc, (&d, &st)| {
+        if d == 0 {
+            Some(acc)
+        } else {
+            acc.checked_add((d - 1).checked_mul(st)?)
+        }
+    });
+    let last = match reach {
+        Some(r) if n == 0 || r < info.storage_size => r,
+        _ => bail!(
+            "{}: tensor `{}` reaches beyond its storage of {} elements; the checkpoint is damaged",
+            path.display(),
+            info.name,
+            info.storage_size
+        ),
+    };
     let mut reader = zip
         .by_name(&info.path)
         .map_err(|e| anyhow!("{}: tensor `{}`: storage {} missing ({e})", path.display(), info.name, info.path))?;
-    let skip = (layout.start_offset() * info.dtype.size_in_bytes()) as u64;
-    std::io::copy(&mut reader.by_ref().take(skip), &mut std::io::sink())?;
-    let shape = layout.shape().clone();
-    let n = shape.elem_count();
-    let mut bytes = vec![0u8; n * info.dtype.size_in_bytes()];
+    let span = if n == 0 { 0 } else { (last + 1 - start / size) * size };
+    // Checked against the archive's record before anything is allocated.
+    if (start + span) as u64 > reader.size() {
+        bail!(
+            "{}: tensor `{}` is truncated (its storage record is {} bytes)",
+            path.display(),
+            info.name,
+            reader.size()
+        );
+    }
+    std::io::copy(&mut reader.by_ref().take(start as u64), &mut std::io::sink())?;
+    let mut region = vec![0u8; span];
     reader
-        .read_exact(&mut bytes)
+        .read_exact(&mut region)
         .map_err(|e| anyhow!("{}: tensor `{}` is truncated ({e})", path.display(), info.name))?;
+    // Gather the view's elements in row-major order (a plain copy when contiguous).
+    let bytes = if layout.is_contiguous() {
+        region
+    } else {
+        let mut out = Vec::with_capacity(n * size);
+        let mut index = vec![0usize; dims.len()];
+        for _ in 0..n {
+            let at: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>() * size;
+            out.extend_from_slice(&region[at..at + size]);
+            for k in (0..dims.len()).rev() {
+                index[k] += 1;
+                if index[k] < dims[k] {
+                    break;
+                }
+                index[k] = 0;
+            }
+        }
+        out
+    };
+    let shape = layout.shape().clone();
     let t = match info.dtype {
         DType::F32 => Tensor::from_vec(
             bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -161,12 +209,6 @@ fn read_storage(path: &Path, zip: &mut Zip, info: &candle_core::pickle::TensorIn
         // Integer and boolean buffers (e.g. EnCodec's `inited`) are not used.
         _ => return Ok(None),
     };
-    let rank = layout.shape().rank();
-    if rank > 1 && fortran && !layout.is_contiguous() {
-        let rev: Vec<usize> = layout.dims().iter().rev().copied().collect();
-        let perm: Vec<usize> = (0..rank).rev().collect();
-        return Ok(Some(t.reshape(rev)?.permute(perm)?.contiguous()?));
-    }
     Ok(Some(t))
 }
 

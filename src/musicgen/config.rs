@@ -270,12 +270,22 @@ impl CodecConfig {
     /// From a transformers `EncodecConfig` JSON object.
     pub fn from_hf_json(v: &Value) -> Result<Self> {
         let sample_rate = json_usize(v, "sampling_rate")?;
+        if sample_rate == 0 || sample_rate > 768_000 {
+            bail!("`sampling_rate: {sample_rate}` is not a usable sample rate (1..=768000 Hz)");
+        }
         let ratios = json_usizes(v, "upsampling_ratios")?;
+        if ratios.is_empty() || ratios.contains(&0) {
+            bail!("`upsampling_ratios: {ratios:?}` must be positive integers");
+        }
+
         let dimension = json_usize_or(v, "hidden_size", 128)?;
         let hop: usize = ratios.iter().product::<usize>().max(1);
         let frame_rate = (sample_rate as f64 / hop as f64).ceil();
         // transformers: num_quantizers = int(1000·bw // (frame_rate · ceil(log2(codebook_size)))).
         let card = json_usize_or(v, "codebook_size", 1024)?;
+        if !(2..=65_536).contains(&card) {
+            bail!("`codebook_size: {card}` is outside 2..=65536");
+        }
         let bandwidths = v.get("target_bandwidths").and_then(Value::as_array);
         let n_q = match bandwidths.and_then(|b| b.last()).and_then(Value::as_f64) {
             // (+1e-9: a bandwidth written as n_q·rate·bits/1000 must give n_q back.)
@@ -350,6 +360,16 @@ impl CodecConfig {
 impl MusicgenConfig {
     /// From a transformers `MusicgenConfig` (config.json) plus optional generation_config.json.
     pub fn from_hf_json(config: &Value, generation: Option<&Value>) -> Result<Self> {
+        if let Some(kind) = config.get("model_type").and_then(Value::as_str) {
+            if kind.contains("melody") {
+                bail!(
+                    "`model_type: {kind}` (MusicGen Melody, conditioned on a chroma of reference audio) is not supported; use a text-only MusicGen (musicgen-small/medium/large or musicgen-stereo-*)"
+                );
+            }
+            if kind != "musicgen" {
+                bail!("`model_type: {kind}` is not a MusicGen (expected `musicgen`)");
+            }
+        }
         let dec = config.get("decoder").context("config.json has no `decoder` section")?;
         let text = config.get("text_encoder").context("config.json has no `text_encoder` section")?;
         let audio = config.get("audio_encoder").context("config.json has no `audio_encoder` section")?;
@@ -377,25 +397,38 @@ impl MusicgenConfig {
             max_period: 10_000.0,
             scale_embedding: json_bool_or(dec, "scale_embedding", false)?,
         };
-        let mut gen = GenerationDefaults::default();
-        if let Some(g) = generation {
-            gen.guidance_scale = json_f64_or(g, "guidance_scale", gen.guidance_scale)?;
-            gen.top_k = json_usize_or(g, "top_k", gen.top_k)?;
-            gen.top_p = json_f64_or(g, "top_p", 0.0)?;
-            if gen.top_p >= 1.0 {
-                gen.top_p = 0.0;
-            }
-            gen.temperature = json_f64_or(g, "temperature", gen.temperature)?;
-            gen.use_sampling = json_bool_or(g, "do_sample", gen.use_sampling)?;
-            if let Some(max_len) = g.get("max_length").and_then(Value::as_u64) {
-                gen.window_seconds = max_len as f64 / codec.frame_rate();
-            }
-        }
+        let gen = match generation {
+            Some(g) => generation_from_hf(g, codec.frame_rate()).context("in generation_config.json")?,
+            None => GenerationDefaults::default(),
+        };
         let cfg = Self { lm, codec, t5, generation: gen, audio_channels };
         cfg.validate()?;
         Ok(cfg)
     }
+}
 
+/// Sampling defaults from a transformers generation_config.json (`frame_rate` turns its
+/// `max_length` into the window).
+pub fn generation_from_hf(g: &Value, frame_rate: f64) -> Result<GenerationDefaults> {
+    let mut gen = GenerationDefaults::default();
+    gen.guidance_scale = json_f64_or(g, "guidance_scale", gen.guidance_scale)?;
+    gen.top_k = json_usize_or(g, "top_k", gen.top_k)?;
+    gen.top_p = json_f64_or(g, "top_p", 0.0)?;
+    if gen.top_p >= 1.0 {
+        gen.top_p = 0.0;
+    }
+    gen.temperature = json_f64_or(g, "temperature", gen.temperature)?;
+    gen.use_sampling = json_bool_or(g, "do_sample", gen.use_sampling)?;
+    if let Some(max_len) = g.get("max_length").and_then(Value::as_u64) {
+        gen.window_seconds = max_len as f64 / frame_rate;
+    }
+    if !(gen.guidance_scale.is_finite() && gen.temperature.is_finite() && gen.temperature >= 0.0) {
+        bail!("`guidance_scale` and `temperature` must be finite numbers (temperature ≥ 0)");
+    }
+    Ok(gen)
+}
+
+impl MusicgenConfig {
     /// The transformers-style config.json and generation_config.json for this model.
     pub fn to_hf_json(&self) -> (Value, Value) {
         let lm = &self.lm;

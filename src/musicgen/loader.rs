@@ -261,9 +261,14 @@ fn load_transformers(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<
     let config_path = dir.join("config.json");
     let config = read_json(&config_path)?;
     let gen_path = dir.join("generation_config.json");
-    let generation = if gen_path.exists() { Some(read_json(&gen_path)?) } else { None };
-    let cfg = MusicgenConfig::from_hf_json(&config, generation.as_ref())
+    let mut cfg = MusicgenConfig::from_hf_json(&config, None)
         .with_context(|| format!("{}: unsupported MusicGen config", config_path.display()))?;
+    if gen_path.exists() {
+        let g = read_json(&gen_path)?;
+        cfg.generation = crate::musicgen::config::generation_from_hf(&g, cfg.codec.frame_rate())
+            .with_context(|| format!("{}: unusable generation settings", gen_path.display()))?;
+        cfg.validate()?;
+    }
     let all = read_hf_weights(dir)?;
     from_transformers_tensors(cfg, all, dir, None, opts, device)
 }

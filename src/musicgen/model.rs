@@ -13,6 +13,10 @@ use super::pattern::DelayPattern;
 use super::sampling::Sampler;
 use super::t5::{T5Encoder, TextTokenizer};
 
+/// Longest piece any command handles, seconds: beyond it the step count (and the time)
+/// is out of reach on any machine this runs on (50 frames/s: 180,000 decoding steps).
+pub const MAX_SECONDS: f64 = 3600.0;
+
 /// Options of one generation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateOptions {
@@ -132,6 +136,10 @@ impl MusicGen {
             bail!("the prompt is empty: describe the music to generate, e.g. --prompt \"calm piano melody\"");
         }
         let ids = self.tokenizer.encode(prompt)?;
+        // T5's cost grows with the square of the length; t5-base was trained on 512 tokens.
+        if ids.len() > 512 {
+            bail!("the prompt is {} tokens long; at most 512 are supported (T5's length)", ids.len());
+        }
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.t5.vocab_size) {
             bail!("token id {bad} is outside the T5 vocabulary ({})", self.cfg.t5.vocab_size);
         }
@@ -163,6 +171,12 @@ impl MusicGen {
     ) -> Result<Generation> {
         if duration.is_nan() || duration <= 0.0 || !duration.is_finite() {
             bail!("the duration must be a positive number of seconds, got {duration}");
+        }
+        if duration > MAX_SECONDS {
+            bail!(
+                "{duration} s is longer than the {MAX_SECONDS} s limit ({:.0} decoding steps); split the piece",
+                duration * self.cfg.frame_rate()
+            );
         }
         let total = self.frames_for(duration);
         if total == 0 {

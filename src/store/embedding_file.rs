@@ -193,6 +193,13 @@ impl EmbeddingFile {
 
     /// Reads and validates a file written by spintrak.
     pub fn read(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            bail!("{}: is a directory, not an embedding file (.bin)", path.display());
+        }
+        let meta = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        if !meta.is_file() {
+            bail!("{}: not a regular file (a FIFO or device?); give an embedding file (.bin)", path.display());
+        }
         let file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
         if file.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
             bail!("{}: the file is empty; not an embedding file", path.display());
