@@ -67,9 +67,10 @@ pub struct ValidateConfig {
     pub full_batch: bool,
     /// Probability of dropping the description at a step (per song).
     pub cond_dropout: f64,
-    /// Train every subset model with the attributed model's seed (only the subset
-    /// differs, down to which steps drop the description) instead of a seed of its own.
-    pub same_seed: bool,
+    /// Give every subset model a training seed of its own (which steps drop the
+    /// description), as independently trained models have, instead of the attributed
+    /// model's seed (the default: only the subset differs).
+    pub vary_seed: bool,
 }
 
 impl ValidateConfig {
@@ -94,7 +95,7 @@ impl ValidateConfig {
             normal_projector: true,
             full_batch: false,
             cond_dropout: 0.1,
-            same_seed: false,
+            vary_seed: false,
         }
     }
 
@@ -354,7 +355,7 @@ fn embeddings(
                 .iter()
                 .map(|(name, style, _)| {
                     let ex = Example::generated(name, description(*style), cfg.song_seconds, 27);
-                    crate::attribution::GenerationObjective { settings: gen.settings.clone() }.prepare(model, &ex, None)
+                    gen.prepare(model, &ex, None)
                 })
                 .collect::<Result<_>>()?;
             let queries = cat
@@ -434,15 +435,13 @@ pub fn validate(cfg: &ValidateConfig, log: &dyn Fn(&str)) -> Result<ValidateRepo
     let base = tiny::build(cfg.seed, &Device::Cpu)?;
     let sr = base.cfg.sample_rate() as u32;
     // 1. Catalogue, encoded once (the codec is not fine-tuned).
-    let encoder = crate::musicgen::codec::CodecEncoder::new(&base.cfg.codec, base.codec_params.vb(true).pp("encoder"))?;
+    let encoder = crate::attribution::objective::codec_encoder(&base)?;
     let mut songs = Vec::new();
     for (si, &style) in Style::ALL.iter().take(cfg.styles).enumerate() {
         for v in 0..cfg.songs_per_style {
             let variant = Variant::nth(1 + (si * cfg.songs_per_style + v) as u64);
             let audio = song(style, &variant, sr, cfg.song_seconds as f32);
-            let len = audio.len();
-            let t = Tensor::from_vec(audio, (1, len), &Device::Cpu)?;
-            let codes: Vec<Vec<u32>> = base.codec.encode(&encoder, &t, 1)?.to_vec2()?;
+            let codes = crate::attribution::objective::encode_with(&base, &encoder, &[audio])?;
             let name = format!("{}_{}", style.name(), v + 1);
             let t5 = base.encode_text(description(style))?;
             songs.push((name.clone(), style, EncodedExample { name, t5, codes }));
@@ -475,10 +474,9 @@ pub fn validate(cfg: &ValidateConfig, log: &dyn Fn(&str)) -> Result<ValidateRepo
     for (mi, mask) in subsets.iter().enumerate() {
         let data: Vec<&EncodedExample> =
             cat.songs.iter().zip(mask).filter(|(_, &m)| m).map(|((_, _, e), _)| e).collect();
-        // Same start and steps as the full models; the subset differs, and so does the
-        // training seed (the outcome of training is measured over its randomness, which an
-        // ensemble averages over).
-        let model = trained(cfg, &data, if cfg.same_seed { 1000 } else { 2000 + mi as u64 })?;
+        // Same start, steps and seed as the attributed model: only the subset differs
+        // (with `vary_seed`, the training seed differs too).
+        let model = trained(cfg, &data, if cfg.vary_seed { 2000 + mi as u64 } else { 1000 })?;
         for (qi, (_, _, _, codes)) in cat.queries.iter().enumerate() {
             let v = codes_nll_windows(&model, &model.lm, &t5_queries[qi], codes)?;
             actual[qi].push(-v.nll);

@@ -47,11 +47,11 @@ pub struct Validate {
     /// song per step.
     #[arg(long)]
     pub full_batch: bool,
-    /// Train every subset model with the attributed model's training seed, so that only
-    /// the subset differs (default: each subset model draws its own, as independently
-    /// trained models do; the outcome is then measured over training randomness).
+    /// Give every subset model a training seed of its own, as independently trained models
+    /// have (the outcome is then measured over training randomness, which an ensemble
+    /// averages over). Default: the attributed model's seed, so that only the subset differs.
     #[arg(long)]
-    pub same_seed: bool,
+    pub vary_seed: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -82,7 +82,7 @@ impl Validate {
             cfg.lambda = x;
         }
         cfg.full_batch = self.full_batch;
-        cfg.same_seed = self.same_seed;
+        cfg.vary_seed = self.vary_seed;
         if cfg.subsets > 1000 || cfg.queries > 1000 {
             anyhow::bail!("--subsets and --queries are limited to 1000 each");
         }

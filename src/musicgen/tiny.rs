@@ -493,5 +493,31 @@ mod codebook_tests {
         }
         let differ = a[0].iter().zip(&b[0]).filter(|(x, y)| x != y).count();
         assert!(differ * 2 > a[0].len(), "tone and noise share most codes ({differ} of {} differ)", a[0].len());
+        // Control: the random codebooks the model had before (N(0, 1) entries) send both
+        // signals' frames to a handful of codes, and the checks above would fail on them.
+        let (card, dim) = (model.cfg.codec.card, model.cfg.codec.codebook_dim);
+        let random: Vec<Vec<f32>> =
+            (0..card).map(|c| (0..dim).map(|j| rng::normal(7, c as u64, j as u64) as f32).collect()).collect();
+        let nearest = |x: Vec<f32>| -> Vec<usize> {
+            let n = x.len();
+            let z = encoder.forward(&Tensor::from_vec(x, (1, 1, n), &Device::Cpu).unwrap()).unwrap();
+            let z: Vec<Vec<f32>> = z.squeeze(0).unwrap().t().unwrap().contiguous().unwrap().to_vec2().unwrap();
+            z.iter()
+                .map(|f| {
+                    let d = |c: &Vec<f32>| c.iter().zip(f).map(|(a, b)| (a - b) * (a - b)).sum::<f32>();
+                    (0..card).min_by(|&i, &j| d(&random[i]).total_cmp(&d(&random[j]))).unwrap()
+                })
+                .collect()
+        };
+        let tone: Vec<f32> = (0..2 * sr).map(|i| 0.5 * (i as f32 * 0.05).sin()).collect();
+        let noise: Vec<f32> = (0..2 * sr).map(|i| (rng::uniform(99, &[i as u64]) as f32 - 0.5) * 0.8).collect();
+        let (ra, rb) = (nearest(tone), nearest(noise));
+        let distinct: std::collections::HashSet<usize> = ra.iter().chain(&rb).copied().collect();
+        let differ = ra.iter().zip(&rb).filter(|(x, y)| x != y).count();
+        assert!(
+            distinct.len() <= 4 || differ * 2 <= ra.len(),
+            "random codebooks: {} codes, {differ} differ",
+            distinct.len()
+        );
     }
 }
