@@ -4,13 +4,13 @@
 //! condition dropped now and then (so guidance keeps working), AdamW.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::ProgressBar;
 
+use crate::attribution::objective::{codec_encoder, encode_with};
 use crate::audio::{read_audio, to_model_format};
 use crate::dataset::walk;
-use crate::musicgen::codec::CodecEncoder;
 use crate::musicgen::lm::Lm;
 use crate::musicgen::MusicGen;
 use crate::rng;
@@ -46,18 +46,14 @@ pub fn encode_dataset(model: &MusicGen, input: &std::path::Path) -> Result<Vec<E
     if ds.examples.is_empty() {
         bail!("{}: no training examples (audio files with a same-stem .json description)", input.display());
     }
-    let encoder = CodecEncoder::new(&model.cfg.codec, model.codec_params.vb(true).pp("encoder"))
-        .with_context(|| "the checkpoint has no EnCodec encoder weights, which fine-tuning needs")?;
+    let encoder = codec_encoder(model)?;
     let mut out = Vec::with_capacity(ds.examples.len());
     for ex in &ds.examples {
         let (description, _) = ex.read_description(None)?;
         let (channels, rate) = read_audio(&ex.audio)?;
         let channels = to_model_format(channels, rate, model.cfg.sample_rate() as u32, model.cfg.audio_channels)
             .with_context(|| ex.rel_path.clone())?;
-        let len = channels[0].len();
-        let audio = Tensor::from_vec(channels.concat(), (model.cfg.audio_channels, len), &Device::Cpu)?;
-        let codes = model.codec.encode(&encoder, &audio, model.cfg.audio_channels)?;
-        let codes: Vec<Vec<u32>> = codes.to_vec2()?;
+        let codes = encode_with(model, &encoder, &channels)?;
         if codes[0].len() < 2 {
             bail!("{}: too short to train on", ex.rel_path);
         }

@@ -17,54 +17,15 @@
 //! T5 is never part of an export: the tiny `t5-base` of the `audiocraft_mono` hub fixture
 //! (d_model 24, the conditioner's input width here) is passed with `t5`.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
+use common::*;
 
-use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
 use spintrak::musicgen::config::PadMode;
 use spintrak::musicgen::{LoadOptions, MusicGen};
-
-const TOL: f32 = 1e-4;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn reference(dir: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-/// Max absolute difference over max absolute reference value.
-fn rel_err(ours: &Tensor, theirs: &Tensor) -> f32 {
-    let ours = ours.to_dtype(DType::F32).unwrap();
-    let theirs = theirs.to_dtype(DType::F32).unwrap();
-    assert_eq!(ours.dims(), theirs.dims(), "shapes differ");
-    let diff =
-        (&ours - &theirs).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    let scale = theirs.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-12);
-    diff / scale
-}
-
-fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor) {
-    let e = rel_err(ours, theirs);
-    assert!(e <= TOL, "{what}: relative error {e:e} > {TOL:e}");
-}
-
-fn ids(t: &Tensor) -> Vec<Vec<u32>> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .to_vec2::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|r| r.into_iter().map(|x| x as u32).collect())
-        .collect()
-}
-
-/// A snapshot of the hub fixture (`models--t5-base`, `models--facebook--encodec_32khz`).
-fn hub_snapshot(repo: &str) -> PathBuf {
-    let snapshots = fixtures().join("audiocraft_mono/hub").join(repo).join("snapshots");
-    std::fs::read_dir(snapshots).unwrap().next().unwrap().unwrap().path()
-}
 
 fn load(name: &str, encodec: Option<PathBuf>) -> (MusicGen, HashMap<String, Tensor>) {
     let dir = fixtures().join(name);

@@ -3,52 +3,20 @@
 //! LM logits with and without guidance, EnCodec decode, greedy generation, and the
 //! gradients of both parts of the `generation` objective.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
+use common::*;
 
-use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
 use spintrak::attribution::{GenerationObjective, Objective, Prepared};
 use spintrak::musicgen::codec::Codec;
 use spintrak::musicgen::lm::Lm;
-use spintrak::musicgen::loader::{codec_name, hf_lm_name};
+use spintrak::musicgen::loader::codec_name;
 use spintrak::musicgen::model::Window;
 use spintrak::musicgen::sampling::Sampler;
 use spintrak::musicgen::{GenerateOptions, Generation, LoadOptions, MusicGen};
-
-const TOL: f32 = 1e-4;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn reference(dir: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn rel_err(ours: &Tensor, theirs: &Tensor) -> f32 {
-    let ours = ours.to_dtype(DType::F32).unwrap();
-    let theirs = theirs.to_dtype(DType::F32).unwrap();
-    assert_eq!(ours.dims(), theirs.dims(), "shapes differ");
-    let diff =
-        (&ours - &theirs).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    let scale = theirs.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-12);
-    diff / scale
-}
-
-fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor) {
-    let e = rel_err(ours, theirs);
-    assert!(e <= TOL, "{what}: relative error {e:e} > {TOL:e}");
-}
-
-fn ids(t: &Tensor) -> Vec<Vec<u32>> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .to_vec2::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|r| r.into_iter().map(|x| x as u32).collect())
-        .collect()
-}
 
 fn check_model(model: &MusicGen, r: &HashMap<String, Tensor>, label: &str) {
     let prompt = "calm piano melody with soft drums";
@@ -120,22 +88,10 @@ fn check_gradients(model: &MusicGen, r: &HashMap<String, Tensor>, label: &str, t
     let mut checked = 0;
     for (key, want) in r.iter().filter(|(k, _)| k.starts_with("grad_lm.")) {
         let hf = key.trim_start_matches("grad_lm.");
-        let (name, part) = if let Some(pos) = ["q_proj", "k_proj", "v_proj"].iter().position(|p| hf.contains(p)) {
-            let layer = hf.split('.').nth(4).unwrap();
-            let attn = if hf.contains("encoder_attn") { "cross_attention" } else { "self_attn" };
-            (format!("transformer.layers.{layer}.{attn}.in_proj_weight"), Some(pos))
-        } else {
-            (hf_lm_name(hf).unwrap_or_else(|| panic!("unmapped {hf}")), None)
-        };
+        let (name, part) = lm_param_of(hf);
         let var = model.lm_params.var(&name).unwrap_or_else(|| panic!("{label}: no parameter {name}"));
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{label}: no gradient for {name}"));
-        let g = match part {
-            Some(p) => {
-                let d = g.dim(1).unwrap();
-                g.narrow(0, p * d, d).unwrap()
-            }
-            None => g.clone(),
-        };
+        let g = part_of(g, part);
         assert_close(&format!("{label}: ∇f_LM {hf}"), &g, want);
         checked += 1;
     }

@@ -3,78 +3,23 @@
 //! residual quantiser, stereo interleaved), the windowed teacher-forced NLL of the
 //! codes, and its gradients with respect to every LM parameter.
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+mod common;
+use common::*;
 
-use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeSet, HashMap};
+
+use candle_core::{Device, Tensor};
 use spintrak::attribution::objective::prepared_from_codes;
 use spintrak::attribution::{AudioNllObjective, Objective};
 use spintrak::musicgen::codec::CodecEncoder;
 use spintrak::musicgen::lm::Lm;
-use spintrak::musicgen::loader::hf_lm_name;
 use spintrak::musicgen::loss::codes_nll_windows;
 use spintrak::musicgen::{LoadOptions, MusicGen};
 
-const TOL: f32 = 1e-4;
 const PROMPT: &str = "calm piano melody with soft drums";
 /// 0.08 s at 1000 frames/s, scored as windows of 50 + 30 frames.
 const FRAMES: usize = 80;
 const WINDOWS: [usize; 2] = [50, 30];
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn reference(dir: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn rel_err(ours: &Tensor, theirs: &Tensor) -> f32 {
-    let ours = ours.to_dtype(DType::F32).unwrap();
-    let theirs = theirs.to_dtype(DType::F32).unwrap();
-    assert_eq!(ours.dims(), theirs.dims(), "shapes differ");
-    let diff =
-        (&ours - &theirs).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    let scale = theirs.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-12);
-    diff / scale
-}
-
-fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor) {
-    let e = rel_err(ours, theirs);
-    assert!(e <= TOL, "{what}: relative error {e:e} > {TOL:e}");
-}
-
-fn ids(t: &Tensor) -> Vec<Vec<u32>> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .to_vec2::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|r| r.into_iter().map(|x| x as u32).collect())
-        .collect()
-}
-
-/// Our parameter name for a transformers LM parameter, and which third of a fused
-/// `in_proj_weight` it is (q, k, v), as in `tests/parity.rs`.
-fn our_name(hf: &str) -> (String, Option<usize>) {
-    if let Some(pos) = ["q_proj", "k_proj", "v_proj"].iter().position(|p| hf.contains(p)) {
-        let layer = hf.split('.').nth(4).unwrap();
-        let attn = if hf.contains("encoder_attn") { "cross_attention" } else { "self_attn" };
-        (format!("transformer.layers.{layer}.{attn}.in_proj_weight"), Some(pos))
-    } else {
-        (hf_lm_name(hf).unwrap_or_else(|| panic!("unmapped {hf}")), None)
-    }
-}
-
-fn part_of(g: &Tensor, part: Option<usize>) -> Tensor {
-    match part {
-        Some(p) => {
-            let d = g.dim(1).unwrap();
-            g.narrow(0, p * d, d).unwrap()
-        }
-        None => g.clone(),
-    }
-}
 
 fn check_nll(model: &MusicGen, r: &HashMap<String, Tensor>, label: &str) {
     // Encoding: EnCodec encoder + residual quantiser, channels interleaved.
@@ -128,7 +73,7 @@ fn check_nll(model: &MusicGen, r: &HashMap<String, Tensor>, label: &str) {
     let mut checked = 0;
     for (key, want) in r.iter().filter(|(k, _)| k.starts_with("grad_nll.")) {
         let hf = key.trim_start_matches("grad_nll.");
-        let (name, part) = our_name(hf);
+        let (name, part) = lm_param_of(hf);
         let var = model.lm_params.var(&name).unwrap_or_else(|| panic!("{label}: no parameter {name}"));
         let full = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{label}: no gradient for {name}"));
         assert_close(&format!("{label}: ∇f_nll {hf}"), &part_of(full, part), want);

@@ -83,18 +83,6 @@ impl Example {
         Self { name: name.into(), prompt: prompt.into(), duration, seed, source: None, audio: None }
     }
 
-    /// The example a stored row describes (its audio, if any, is not re-opened).
-    pub fn from_record(r: &crate::store::Record) -> Self {
-        Self {
-            name: r.name.clone(),
-            prompt: r.prompt.clone(),
-            duration: r.duration,
-            seed: r.seed,
-            source: r.source.clone(),
-            audio: None,
-        }
-    }
-
     /// The stored row of this example, embedded over `duration` seconds.
     pub fn record(&self, duration: f64) -> crate::store::Record {
         crate::store::Record {
@@ -372,15 +360,23 @@ pub fn prepared_from_codes(model: &MusicGen, frames: Vec<Vec<u32>>, t5: Tensor) 
     Ok(Prepared::new(Generation { frames, windows }, t5, duration))
 }
 
+/// The checkpoint's EnCodec encoder (needed to score or train on audio).
+pub fn codec_encoder(model: &MusicGen) -> Result<CodecEncoder> {
+    CodecEncoder::new(&model.cfg.codec, model.codec_params.vb(true).pp("encoder"))
+        .context("the checkpoint has no EnCodec encoder weights, which scoring or training on audio needs")
+}
+
 /// EnCodec codes `[K][T]` of audio `[channels][samples]` at the model's rate.
-pub fn encode_audio(model: &MusicGen, channels: &[Vec<f32>]) -> Result<Vec<Vec<u32>>> {
-    let encoder = CodecEncoder::new(&model.cfg.codec, model.codec_params.vb(true).pp("encoder"))
-        .context("the checkpoint has no EnCodec encoder weights, which scoring audio needs")?;
+pub fn encode_with(model: &MusicGen, encoder: &CodecEncoder, channels: &[Vec<f32>]) -> Result<Vec<Vec<u32>>> {
     let len = channels.first().map_or(0, Vec::len);
     let audio = Tensor::from_vec(channels.concat(), (channels.len(), len), &Device::Cpu)?
         .to_dtype(model.codec_params.dtype())?;
-    let codes = model.codec.encode(&encoder, &audio, model.cfg.audio_channels)?;
-    Ok(codes.to_vec2()?)
+    Ok(model.codec.encode(encoder, &audio, model.cfg.audio_channels)?.to_vec2()?)
+}
+
+/// `encode_with` the checkpoint's encoder, for one piece.
+pub fn encode_audio(model: &MusicGen, channels: &[Vec<f32>]) -> Result<Vec<Vec<u32>>> {
+    encode_with(model, &codec_encoder(model)?, channels)
 }
 
 impl Objective for AudioNllObjective {

@@ -338,8 +338,7 @@ impl Attribute {
             m.model = Some(d.clone());
             model_dirs.push(m);
         }
-        let dir = tempdir_for_queries()?;
-        let mut query_paths = Vec::new();
+        let mut queries = Vec::new();
         let mut frames: Option<Vec<Vec<u32>>> = None;
         for (i, margs) in model_dirs.iter().enumerate() {
             let model = margs.load()?;
@@ -391,39 +390,13 @@ impl Attribute {
                 &spec,
                 vec![(example.record(prepared.duration), embedding)],
             )?;
-            let path = dir.path().join(format!("query_{i}.bin"));
-            q.write(&path)?;
-            query_paths.push(path);
+            let label = margs.model.clone().unwrap_or_else(|| PathBuf::from("builtin:tiny"));
+            queries.push((PathBuf::from(format!("the query under {}", label.display())), q));
         }
-        let ensemble = Ensemble::load(&query_paths, &self.training)?;
+        let ensemble = Ensemble::with_queries(queries, &self.training)?;
         let rows: Vec<usize> = (0..ensemble.query().rows()).collect();
         let s = ensemble.scores(&rows, self.lambda)?;
         report(ensemble.query(), ensemble.training_records(), &s, self.top_k, self.json)
-    }
-}
-
-/// A private folder for the query files of one attribution (removed when dropped).
-fn tempdir_for_queries() -> Result<TempDir> {
-    let base = std::env::temp_dir().join(format!(
-        "spintrak-attribute-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&base).map_err(|e| anyhow::anyhow!("{}: cannot create ({e})", base.display()))?;
-    Ok(TempDir(base))
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

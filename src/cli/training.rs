@@ -285,7 +285,7 @@ impl GenerateTrainingDataset {
             offset: self.offset,
             duration: Some(duration),
         });
-        let (seed, offset_note) = if audio.is_some() { (0, true) } else { (self.seed, false) };
+        let seed = if audio.is_some() { 0 } else { self.seed };
         let example =
             Example { name: ex.file_name(), prompt, duration, seed, source: Some(ex.rel_path.clone()), audio };
         let (embedding, prepared, _) = embed(model, objective, spec, &example, None)?;
@@ -294,11 +294,7 @@ impl GenerateTrainingDataset {
                 eprintln!("warning: {w}");
             }
         }
-        let mut record = example.record(prepared.duration);
-        if !offset_note {
-            record.offset = None;
-        }
-        let file = single_file(model, objective, spec, vec![(record, embedding)])?;
+        let file = single_file(model, objective, spec, vec![(example.record(prepared.duration), embedding)])?;
         file.write(&state_file(state_dir, &ex.rel_path))
     }
 }

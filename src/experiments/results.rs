@@ -138,12 +138,18 @@ fn same_rows(a: &[Record], b: &[Record]) -> bool {
 impl Ensemble {
     /// Reads query files (one per model) and training files (any number per model).
     pub fn load(query_paths: &[PathBuf], training_paths: &[PathBuf]) -> Result<Self> {
-        if query_paths.is_empty() || training_paths.is_empty() {
+        let queries = query_paths.iter().map(|p| Ok((p.clone(), read_embeddings(p)?))).collect::<Result<_>>()?;
+        Self::with_queries(queries, training_paths)
+    }
+
+    /// Query embeddings already in memory (one per model, each named for messages) and
+    /// training files.
+    pub fn with_queries(query_files: Vec<(PathBuf, EmbeddingFile)>, training_paths: &[PathBuf]) -> Result<Self> {
+        if query_files.is_empty() || training_paths.is_empty() {
             bail!("scores need query and training embedding files");
         }
         let mut queries: Vec<(PathBuf, EmbeddingFile)> = Vec::new();
-        for p in query_paths {
-            let f = read_embeddings(p)?;
+        for (p, f) in query_files {
             if let Some((other, _)) =
                 queries.iter().find(|(_, q)| q.header.model.fingerprint == f.header.model.fingerprint)
             {
@@ -153,7 +159,7 @@ impl Ensemble {
                     p.display()
                 );
             }
-            queries.push((p.clone(), f));
+            queries.push((p, f));
         }
         let mut groups: Vec<Vec<PathBuf>> = vec![Vec::new(); queries.len()];
         for p in training_paths {
