@@ -9,6 +9,7 @@ pub mod demo;
 pub mod experiments;
 pub mod finetune;
 pub mod io;
+pub mod memory;
 pub mod musicgen;
 pub mod parallel;
 pub mod rng;

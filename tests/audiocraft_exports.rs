@@ -29,7 +29,7 @@ use spintrak::musicgen::{LoadOptions, MusicGen};
 
 fn load(name: &str, encodec: Option<PathBuf>) -> (MusicGen, HashMap<String, Tensor>) {
     let dir = fixtures().join(name);
-    let opts = LoadOptions { t5: Some(hub_snapshot("models--t5-base")), encodec };
+    let opts = LoadOptions { t5: Some(hub_snapshot("models--t5-base")), encodec, ..Default::default() };
     let model = spintrak::musicgen::load(&dir, &opts, &Device::Cpu)
         .unwrap_or_else(|e| panic!("{name}: loading the audiocraft export failed: {e:#}"));
     (model, reference(&dir))

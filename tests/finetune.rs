@@ -37,7 +37,7 @@ fn finetuning_lowers_the_loss_and_writes_a_loadable_model() {
     let tuned = spintrak::musicgen::load(&out, &Default::default(), &Device::Cpu).unwrap();
     let base = spintrak::musicgen::tiny::build(1234, &Device::Cpu).unwrap();
     let changed = |a: &spintrak::musicgen::params::ParamStore, b: &spintrak::musicgen::params::ParamStore| {
-        let (a, b) = (a.all(), b.all());
+        let (a, b) = (a.all().unwrap(), b.all().unwrap());
         assert_eq!(a.len(), b.len());
         a.iter()
             .filter(|(k, v)| {

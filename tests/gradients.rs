@@ -141,6 +141,7 @@ fn streamed_projection_equals_projecting_the_whole_gradient() {
                 &spec,
                 prepared,
                 &mut Timings::default(),
+                None,
             )
             .unwrap();
             let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));

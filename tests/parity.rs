@@ -174,6 +174,7 @@ fn audiocraft_exports_match_the_same_reference() {
     let opts = LoadOptions {
         encodec: Some(snapshot("models--facebook--encodec_32khz")),
         t5: Some(snapshot("models--t5-base")),
+        ..Default::default()
     };
     let r = reference(&fixtures().join("hf_mono"));
     // Pointer codec, resolved by explicit paths.
@@ -182,7 +183,7 @@ fn audiocraft_exports_match_the_same_reference() {
     // Full codec under the seed document's file name.
     let full = spintrak::musicgen::load(
         &ac.join("audiocraft_full"),
-        &LoadOptions { encodec: None, t5: opts.t5.clone() },
+        &LoadOptions { encodec: None, t5: opts.t5.clone(), ..Default::default() },
         &Device::Cpu,
     )
     .unwrap();

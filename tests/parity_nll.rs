@@ -117,6 +117,7 @@ fn audiocraft_exports_audio_nll_match_the_same_reference() {
     let opts = LoadOptions {
         encodec: Some(snapshot("models--facebook--encodec_32khz")),
         t5: Some(snapshot("models--t5-base")),
+        ..Default::default()
     };
     let r = reference(&fixtures().join("hf_mono"));
     // Pointer codec (the hub EnCodec snapshot, encoder included), resolved by explicit paths.
@@ -125,7 +126,7 @@ fn audiocraft_exports_audio_nll_match_the_same_reference() {
     // Full codec inline (encoder, decoder and quantiser in compressed_state_dict.bin).
     let full = spintrak::musicgen::load(
         &ac.join("audiocraft_full"),
-        &LoadOptions { encodec: None, t5: opts.t5.clone() },
+        &LoadOptions { encodec: None, t5: opts.t5.clone(), ..Default::default() },
         &Device::Cpu,
     )
     .unwrap();

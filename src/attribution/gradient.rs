@@ -66,7 +66,8 @@ pub fn for_each_gradient(
     let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
     for part in 0..objective.lm_parts(prepared) {
         let t = Instant::now();
-        lm_part_gradients(model, &lm, objective, prepared, part, &params, &mut |i, g| accumulate(&mut acc[i], g))?;
+        let take = &mut |i: usize, g| accumulate(&mut acc[i], g);
+        lm_part_gradients(model, &lm, objective, prepared, part, LayerSink { params: &params, progress: None, take })?;
         timings.backward += t.elapsed().as_secs_f64();
     }
     drop(lm);
@@ -157,15 +158,24 @@ fn take_param_grads(
 /// saved input and differentiated against the gradient arriving from above. Peak memory
 /// is one layer's graph instead of the whole network's (Candle's backward keeps every
 /// intermediate gradient until it returns).
+/// Where the LM's per-parameter gradients go (by index into `params`), and the bar that
+/// counts layers done.
+struct LayerSink<'a> {
+    params: &'a [(String, Var)],
+    progress: Option<&'a ProgressBar>,
+    take: &'a mut dyn FnMut(usize, Tensor) -> Result<()>,
+}
+
 fn lm_part_gradients(
     model: &MusicGen,
     lm: &Lm,
     objective: &dyn Objective,
     prepared: &Prepared,
     part: usize,
-    params: &[(String, Var)],
-    take: &mut dyn FnMut(usize, Tensor) -> Result<()>,
+    sink: LayerSink<'_>,
 ) -> Result<()> {
+    let LayerSink { params, progress, take } = sink;
+    let tick = || progress.inspect(|pb| pb.inc(1));
     let (tokens, n_cond) = objective.lm_input(model, prepared, part)?;
     let plain = &model.lm; // same weights, no autograd graph
     let states = plain.project_condition(&prepared.t5)?;
@@ -175,6 +185,7 @@ fn lm_part_gradients(
         let h = plain.layer(i, &inputs[i], &cond)?;
         inputs.push(h);
     }
+    tick();
     // Head and objective.
     let top = Var::from_tensor(&inputs[plain.num_layers()])?;
     let value = objective.lm_head_value(model, &lm.head(top.as_tensor())?, prepared, part)?;
@@ -200,6 +211,7 @@ fn lm_part_gradients(
             });
         }
         take_param_grads(&mut grads, params, take)?;
+        tick();
     }
     // Embeddings, then the conditioning projection.
     let mut grads = (lm.embed(&tokens, 0)? * &upstream)?.sum_all()?.backward()?;
@@ -226,7 +238,7 @@ pub fn embed(
     let t = Instant::now();
     let prepared = objective.prepare(model, example, progress)?;
     let prepare = t.elapsed().as_secs_f64();
-    let (embedding, prepared, mut timings) = embed_prepared(model, objective, spec, prepared)
+    let (embedding, prepared, mut timings) = embed_prepared(model, objective, spec, prepared, progress)
         .map_err(|e| e.context(format!("embedding `{}`", example.name)))?;
     timings.prepare = prepare;
     Ok((embedding, prepared, timings))
@@ -242,6 +254,7 @@ pub fn project_gradient(
     spec: &ProjectorSpec,
     prepared: &Prepared,
     timings: &mut Timings,
+    progress: Option<&ProgressBar>,
 ) -> Result<Vec<f32>> {
     let mut projection = spec.start();
     let mut offset = 0usize;
@@ -261,11 +274,18 @@ pub fn project_gradient(
         offset += v.elem_count();
     }
     let parts = objective.lm_parts(prepared);
+    if let Some(pb) = progress {
+        // One step per window for the forward pass, then one per layer going down.
+        pb.set_message("differentiating");
+        pb.set_length((parts * (model.cfg.lm.num_layers + 1)) as u64);
+        pb.set_position(0);
+        pb.reset_eta();
+    }
     let mut seen = vec![0usize; params.len()];
     let mut project_seconds = 0.0;
     for part in 0..parts {
         let t = Instant::now();
-        lm_part_gradients(model, &lm, objective, prepared, part, &params, &mut |i, g| {
+        let take = &mut |i: usize, g: Tensor| {
             let tp = Instant::now();
             let values: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
             drop(g);
@@ -273,7 +293,8 @@ pub fn project_gradient(
             seen[i] += 1;
             project_seconds += tp.elapsed().as_secs_f64();
             Ok(())
-        })?;
+        };
+        lm_part_gradients(model, &lm, objective, prepared, part, LayerSink { params: &params, progress, take })?;
         timings.backward += t.elapsed().as_secs_f64();
     }
     timings.backward -= project_seconds;
@@ -292,6 +313,7 @@ pub fn embed_prepared(
     objective: &dyn Objective,
     spec: &ProjectorSpec,
     prepared: Prepared,
+    progress: Option<&ProgressBar>,
 ) -> Result<(Vec<f32>, Prepared, Timings)> {
     let mut timings = Timings::default();
     let (dec, lm) = gradient_dim(model, objective);
@@ -303,7 +325,7 @@ pub fn embed_prepared(
             dec + lm
         );
     }
-    let embedding = project_gradient(model, objective, spec, &prepared, &mut timings)?;
+    let embedding = project_gradient(model, objective, spec, &prepared, &mut timings, progress)?;
     if let Some(bad) = embedding.iter().position(|x| !x.is_finite()) {
         bail!("the gradient is not finite (entry {bad} of the embedding): the model or the input holds NaN or infinite values");
     }

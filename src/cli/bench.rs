@@ -27,9 +27,23 @@ pub struct Bench {
     /// Seconds of audio per gradient example.
     #[arg(long, default_value_t = 2.0)]
     pub grad_seconds: f64,
-    /// Run only this model: `tiny` or `small` (musicgen-small's shape, random weights).
+    /// Run only this model: `tiny`, `small` (musicgen-small's shape, random weights) or
+    /// `stereo-large` (musicgen-stereo-large's published shape, 3.5 B random weights written
+    /// to disk; each measurement in a fresh process: load, generation, both embeddings).
     #[arg(long)]
     pub only: Option<String>,
+    /// Where `--only stereo-large` writes its model (about 14 GB; reused when it already
+    /// holds it). Default: a temporary directory, removed afterwards.
+    #[arg(long, value_name = "DIR")]
+    pub model_dir: Option<std::path::PathBuf>,
+    /// The measurements of `--only stereo-large`, comma-separated: load, generate,
+    /// audio-nll, generation (the last two are embeddings of --grad-seconds of audio).
+    #[arg(long, value_delimiter = ',', default_value = "load,generate,audio-nll,generation")]
+    pub runs: Vec<String>,
+    /// One measurement in this process (used by `--only stereo-large`): load, generate,
+    /// audio-nll or generation.
+    #[arg(long, hide = true)]
+    pub worker: Option<String>,
     /// Seconds of audio to generate per model.
     #[arg(long, default_value_t = 2.0)]
     pub seconds: f64,
@@ -89,9 +103,17 @@ impl Bench {
         if !sections.contains(&self.section.as_str()) {
             anyhow::bail!("--section takes one of {sections:?}, got `{}`", self.section);
         }
+        if let Some(task) = &self.worker {
+            let dir = self.model_dir.as_deref().ok_or_else(|| anyhow::anyhow!("--worker needs --model-dir"))?;
+            println!("{}", worker(task, dir, self.seconds, self.grad_seconds)?);
+            return Ok(());
+        }
         if let Some(o) = &self.only {
+            if o == "stereo-large" {
+                return self.stereo_large();
+            }
             if o != "tiny" && o != "small" {
-                anyhow::bail!("--only takes `tiny` or `small`, got `{o}`");
+                anyhow::bail!("--only takes `tiny`, `small` or `stereo-large`, got `{o}`");
             }
         }
         let section = |s: &str| self.section == "all" || self.section == s;
@@ -193,25 +215,200 @@ impl Bench {
     }
 }
 
-/// Peak resident memory (bytes) since the last reset.
-pub fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+use crate::memory::{current_rss, peak_rss, reset_peak_rss};
+
+/// musicgen-stereo-large's config as the hub publishes it.
+const STEREO_LARGE_CONFIG: &str = include_str!("../../tests/fixtures/hf_configs/musicgen-stereo-large/config.json");
+
+impl Bench {
+    /// `--only stereo-large`: a random-weight model of musicgen-stereo-large's shape,
+    /// written to disk once, then loaded, run and differentiated by fresh processes so that
+    /// each peak-RSS reading is that of one command as a user runs it.
+    fn stereo_large(&self) -> Result<()> {
+        use crate::memory::gb;
+        let vocab = crate::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json())?.vocab_size();
+        let published: serde_json::Value = serde_json::from_str(STEREO_LARGE_CONFIG)?;
+        let mut cfg = crate::musicgen::MusicgenConfig::from_hf_json(&published, None)?;
+        // The built-in tokenizer stands in for t5-base's (same model, fewer rows used).
+        cfg.t5.vocab_size = cfg.t5.vocab_size.max(vocab);
+        let (dir, temporary) = match &self.model_dir {
+            Some(d) => (d.clone(), false),
+            None => (std::env::temp_dir().join(format!("spintrak-bench-stereo-large-{}", std::process::id())), true),
+        };
+        let index = dir.join("model.safetensors.index.json");
+        let written = std::fs::read_to_string(&index)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["metadata"]["total_size"].as_u64());
+        let (weight_bytes, write_seconds) = match written {
+            Some(total) => {
+                eprintln!("using the model already in {} ({})", dir.display(), gb(total));
+                (total, None)
+            }
+            None => {
+                eprintln!("writing a random-weight musicgen-stereo-large to {} ...", dir.display());
+                let start = Instant::now();
+                let total = tiny::write_random_transformers(&cfg, 11, &dir, 4 << 30)?;
+                (total, Some(start.elapsed().as_secs_f64()))
+            }
+        };
+        let bandwidth = memcpy_bandwidth();
+        let exe = std::env::current_exe()?;
+        let mut runs = serde_json::Map::new();
+        let known = ["load", "generate", "audio-nll", "generation"];
+        if let Some(bad) = self.runs.iter().find(|r| !known.contains(&r.as_str())) {
+            anyhow::bail!("--runs takes some of {known:?}, got `{bad}`");
+        }
+        for task in known.iter().filter(|t| self.runs.iter().any(|r| r == *t)) {
+            eprintln!("measuring: {task} ...");
+            let out = std::process::Command::new(&exe)
+                .args(["bench", "--worker", task, "--seconds", &self.seconds.to_string()])
+                .args(["--grad-seconds", &self.grad_seconds.to_string(), "--model-dir"])
+                .arg(&dir)
+                .stderr(std::process::Stdio::inherit())
+                .output()?;
+            if !out.status.success() {
+                anyhow::bail!("the `{task}` measurement failed ({})", out.status);
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))?;
+            runs.insert(task.to_string(), v);
+        }
+        if temporary {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let none = serde_json::Value::Null;
+        let gen = runs.get("generate").unwrap_or(&none);
+        let lm_bytes = gen["lm_bytes"].as_f64().unwrap_or(0.0);
+        let steps_per_s = gen["steps_per_second"].as_f64().unwrap_or(0.0);
+        let bound = bandwidth / lm_bytes.max(1.0);
+        let ratio = |r: &serde_json::Value| r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / weight_bytes as f64;
+        let out = serde_json::json!({
+            "model": "musicgen-stereo-large shape (random weights), transformers layout, 4 GB shards",
+            "weight_bytes": weight_bytes,
+            "write_seconds": write_seconds,
+            "memcpy_bandwidth_gb_per_s": bandwidth / 1e9,
+            "threads": candle_core::utils::get_num_threads(),
+            "generation_fraction_of_weight_read_bound": steps_per_s / bound,
+            "weight_read_bound_steps_per_second": bound,
+            "peak_over_weights": runs.iter().map(|(k, r)| (k.clone(), ratio(r).into())).collect::<serde_json::Map<_, _>>(),
+            "runs": runs,
+        });
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            return Ok(());
+        }
+        println!(
+            "musicgen-stereo-large shape, random weights: {} of f32 weights; memcpy {:.1} GB/s, {} threads",
+            gb(weight_bytes),
+            bandwidth / 1e9,
+            candle_core::utils::get_num_threads()
+        );
+        println!(
+            "{:<12} {:>9} {:>11} {:>11} {:>12} {:>10}",
+            "run", "load s", "loaded", "peak RSS", "peak/weights", "goal"
+        );
+        for (task, goal) in [("load", 1.15), ("generate", 1.15), ("audio-nll", 1.3), ("generation", 1.3)] {
+            let Some(r) = runs.get(task) else { continue };
+            println!(
+                "{:<12} {:>9.1} {:>11} {:>11} {:>12.3} {:>9}×",
+                task,
+                r["load_seconds"].as_f64().unwrap_or(0.0),
+                gb(r["loaded_bytes"].as_u64().unwrap_or(0)),
+                gb(r["peak_rss_bytes"].as_u64().unwrap_or(0)),
+                ratio(r),
+                goal
+            );
+        }
+        println!(
+            "\ngeneration: {:.3} frames/s ({:.3} steps/s; weight-read bound {:.3} steps/s: {:.0}%)",
+            gen["frames_per_second"].as_f64().unwrap_or(0.0),
+            steps_per_s,
+            bound,
+            100.0 * steps_per_s / bound
+        );
+        for task in ["audio-nll", "generation"] {
+            let Some(r) = runs.get(task) else { continue };
+            let s = &r["seconds"];
+            println!(
+                "{task} embedding of {} s: prepare {:.1} s, backward {:.1} s, project {:.1} s",
+                self.grad_seconds,
+                s["prepare"].as_f64().unwrap_or(0.0),
+                s["backward"].as_f64().unwrap_or(0.0),
+                s["project"].as_f64().unwrap_or(0.0)
+            );
+        }
+        Ok(())
+    }
 }
 
-/// Current resident memory (bytes).
-pub fn current_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// Resets the kernel's peak-RSS counter (Linux), so each measurement stands alone.
-pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+/// One measurement of `bench --only stereo-large`, in a process of its own: loads the
+/// model in `dir` as the commands do, then generates or embeds. Returns a JSON line.
+fn worker(task: &str, dir: &std::path::Path, seconds: f64, grad_seconds: f64) -> Result<String> {
+    use crate::attribution::objective::{encode_audio, prepared_from_codes};
+    use crate::attribution::{AudioNllObjective, Objective};
+    use crate::musicgen::{LoadOptions, Purpose};
+    let purpose = if task == "load" || task == "generate" { Purpose::Inference } else { Purpose::Gradients };
+    reset_peak_rss();
+    let start = Instant::now();
+    let model = crate::musicgen::load(dir, &LoadOptions { purpose, ..Default::default() }, &Device::Cpu)?;
+    let load_seconds = start.elapsed().as_secs_f64();
+    let peak_after_load = peak_rss();
+    let lm_bytes = model.lm_params.claimed_bytes();
+    let mut out = serde_json::json!({"task": task, "load_seconds": load_seconds, "lm_bytes": lm_bytes,
+        "peak_rss_after_load_bytes": peak_after_load});
+    let opts = GenerateOptions {
+        sampler: Sampler { use_sampling: true, temperature: 1.0, top_k: 250, top_p: 0.0, seed: 1 },
+        guidance_scale: 3.0,
+        extend_stride: model.default_extend_stride(),
+    };
+    match task {
+        "load" => {}
+        "generate" => {
+            let start = Instant::now();
+            let gen = model.generate("lively salsa groove with bright horns", seconds, &opts, None)?;
+            let secs = start.elapsed().as_secs_f64();
+            let steps = gen.num_frames() + model.cfg.lm.max_delay();
+            out["frames"] = gen.num_frames().into();
+            out["seconds"] = serde_json::json!({"generate": secs});
+            out["frames_per_second"] = (gen.num_frames() as f64 / secs).into();
+            out["steps_per_second"] = (steps as f64 / secs).into();
+        }
+        "audio-nll" | "generation" => {
+            let objective: Box<dyn Objective> = if task == "audio-nll" {
+                Box::new(AudioNllObjective::default())
+            } else {
+                Box::new(GenerationObjective::from_options(&opts))
+            };
+            let (dec, lm) = gradient_dim(&model, objective.as_ref());
+            let spec = ProjectorSpec::new(ProjectorKind::Sparse, 42, Some(8192), dec + lm, 8)?;
+            let start = Instant::now();
+            let prepared = if task == "audio-nll" {
+                let sr = model.cfg.sample_rate() as u32;
+                let song = crate::demo::song(
+                    crate::demo::Style::Salsa,
+                    &crate::demo::Variant::nth(1),
+                    sr,
+                    grad_seconds as f32,
+                );
+                let codes = encode_audio(&model, &vec![song; model.cfg.audio_channels])?;
+                prepared_from_codes(&model, codes, model.encode_text("lively salsa groove")?)?
+            } else {
+                let example = Example::generated("bench", "lively salsa groove", grad_seconds, 1);
+                objective.prepare(&model, &example, None)?
+            };
+            let prepare = start.elapsed().as_secs_f64();
+            let (embedding, _, t) =
+                crate::attribution::gradient::embed_prepared(&model, objective.as_ref(), &spec, prepared, None)?;
+            out["gradient_numbers"] = (dec + lm).into();
+            out["embedding_norm"] = embedding.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt().into();
+            out["seconds"] = serde_json::json!({"prepare": prepare, "backward": t.backward, "project": t.project});
+        }
+        other => anyhow::bail!("unknown worker task `{other}`"),
+    }
+    out["loaded_bytes"] = model.loaded_bytes().into();
+    out["peak_rss_bytes"] = peak_rss().into();
+    Ok(out.to_string())
 }
 
 fn bench_gradients(model: &MusicGen, seconds: f64) -> Result<serde_json::Value> {
@@ -247,7 +444,7 @@ fn bench_gradients(model: &MusicGen, seconds: f64) -> Result<serde_json::Value> 
             codes,
             model.encode_text("lively salsa groove")?,
         )?;
-        let (_, _, t) = crate::attribution::gradient::embed_prepared(model, &nll, &spec, prepared)?;
+        let (_, _, t) = crate::attribution::gradient::embed_prepared(model, &nll, &spec, prepared, None)?;
         serde_json::json!({"gradient_numbers": lm_d, "seconds": {"encode": encode, "backward": t.backward, "project": t.project,
             "total": encode + t.backward + t.project}, "peak_rss_bytes": peak_rss().unwrap_or(0)})
     };

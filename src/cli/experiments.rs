@@ -67,7 +67,7 @@ impl ExperimentRunner {
         }
         let mut model_args = self.model.clone();
         model_args.model = Some(model_args.model.unwrap_or_else(|| PathBuf::from(&cfg.experiment.models[0])));
-        let model = model_args.load()?;
+        let model = model_args.load_for(crate::musicgen::Purpose::Gradients)?;
         let cases = cfg.cases();
         // Seeds vary per case; the objective's other settings are shared.
         let objective = self.objective.build(&self.sampling.options(&model, 0)?);
@@ -341,7 +341,7 @@ impl Attribute {
         let mut queries = Vec::new();
         let mut frames: Option<Vec<Vec<u32>>> = None;
         for (i, margs) in model_dirs.iter().enumerate() {
-            let model = margs.load()?;
+            let model = margs.load_for(crate::musicgen::Purpose::Gradients)?;
             // The generation settings are those the training files record (the generation
             // objective), else the checkpoint's defaults.
             let objective: Box<dyn crate::attribution::Objective> = match kind {
@@ -370,7 +370,7 @@ impl Attribute {
                 (Some(f), ObjectiveKind::AudioNll) => {
                     let t5 = model.encode_text(&example.prompt)?;
                     let prepared = crate::attribution::objective::prepared_from_codes(&model, f.clone(), t5)?;
-                    crate::attribution::gradient::embed_prepared(&model, objective.as_ref(), &spec, prepared)?
+                    crate::attribution::gradient::embed_prepared(&model, objective.as_ref(), &spec, prepared, None)?
                 }
                 _ => embed(&model, objective.as_ref(), &spec, &example, Some(&pb))?,
             };

@@ -72,7 +72,7 @@ impl Finetune {
         if self.output.exists() && !self.output.is_dir() {
             anyhow::bail!("{}: exists and is not a directory", self.output.display());
         }
-        let model = self.model.load()?;
+        let model = self.model.load_for(crate::musicgen::Purpose::Training)?;
         let data = encode_dataset(&model, &self.input)?;
         let pb = super::progress_bar_examples(self.quiet, self.steps as u64);
         pb.set_style(

@@ -70,7 +70,7 @@ impl GenerateGradients {
             },
             None => Example::generated(name, &self.example.prompt, self.example.generate_seconds()?, self.example.seed),
         };
-        let model = self.model.load()?;
+        let model = self.model.load_for(crate::musicgen::Purpose::Gradients)?;
         let objective = self.objective.build(&self.sampling.options(&model, self.example.seed)?);
         let spec = self.projection.spec(&model, objective.as_ref())?;
         let pb = progress_bar(self.quiet, if example.audio.is_some() { "scoring" } else { "generating" });

@@ -22,7 +22,7 @@ use clap::Args;
 use crate::attribution::objective::{objective_of, AudioInput, ObjectiveKind};
 use crate::attribution::{gradient_dim, Objective, ProjectorKind, ProjectorSpec};
 use crate::musicgen::sampling::Sampler;
-use crate::musicgen::{tiny, GenerateOptions, LoadOptions, MusicGen};
+use crate::musicgen::{tiny, GenerateOptions, LoadOptions, MusicGen, Purpose};
 
 /// Prints what the user should know about an example (e.g. padding) on stderr.
 pub fn warn_all(warnings: &[String]) {
@@ -50,16 +50,28 @@ pub struct ModelArgs {
     /// Hugging Face hub cache (`t5-base`).
     #[arg(long, value_name = "DIR")]
     pub t5: Option<PathBuf>,
+    /// Load the model even when its estimated memory need exceeds what this machine has
+    /// available (the estimate is checked before any weight is read).
+    #[arg(long)]
+    pub force: bool,
 }
 
 impl ModelArgs {
+    /// Loads the model for inference (generation, the loss).
     pub fn load(&self) -> Result<MusicGen> {
+        self.load_for(Purpose::Inference)
+    }
+
+    /// Loads the model, first checking that it fits in memory for `purpose`.
+    pub fn load_for(&self, purpose: Purpose) -> Result<MusicGen> {
         let device = Device::Cpu;
         match &self.model {
             None => tiny::build(TINY_SEED, &device),
             Some(p) if p.as_os_str() == "builtin:tiny" => tiny::build(TINY_SEED, &device),
             Some(dir) => {
-                crate::musicgen::load(dir, &LoadOptions { encodec: self.encodec.clone(), t5: self.t5.clone() }, &device)
+                let opts =
+                    LoadOptions { encodec: self.encodec.clone(), t5: self.t5.clone(), purpose, force: self.force };
+                crate::musicgen::load(dir, &opts, &device)
             }
         }
     }

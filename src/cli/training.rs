@@ -176,7 +176,7 @@ impl GenerateTrainingDataset {
             .map(|(_, e)| e)
             .collect();
 
-        let model = self.model.load()?;
+        let model = self.model.load_for(crate::musicgen::Purpose::Gradients)?;
         let objective = self.objective.build(&self.sampling.options(&model, self.seed)?);
         let objective = objective.as_ref();
         let spec = self.projection.spec(&model, objective)?;
@@ -258,12 +258,21 @@ impl GenerateTrainingDataset {
         todo: &[&TrainingExample],
         state_dir: &Path,
     ) -> Result<Vec<(String, String)>> {
-        let pb = super::progress_bar_examples(self.quiet, todo.len() as u64);
+        // One bar over the examples, and one per example in progress (its generation or
+        // backward steps), so that an ETA shows from the first steps of a long example.
+        let bars = indicatif::MultiProgress::new();
+        let pb = bars.add(super::progress_bar_examples(self.quiet, todo.len() as u64));
         let failures = crate::parallel::for_each(
             todo,
             self.jobs,
             |ex| ex.rel_path.clone(),
-            |ex| self.embed_one(model, objective, spec, ex, state_dir),
+            |ex| {
+                let steps = bars.add(super::progress_bar(self.quiet, &ex.file_name()));
+                let result = self.embed_one(model, objective, spec, ex, state_dir, &steps);
+                steps.finish_and_clear();
+                bars.remove(&steps);
+                result
+            },
             &pb,
         );
         pb.finish_and_clear();
@@ -277,6 +286,7 @@ impl GenerateTrainingDataset {
         spec: &ProjectorSpec,
         ex: &TrainingExample,
         state_dir: &Path,
+        progress: &indicatif::ProgressBar,
     ) -> Result<()> {
         let (prompt, duration) = ex.read_description(self.duration)?;
         // audio-nll reads the example's own audio; generation only its description.
@@ -288,7 +298,7 @@ impl GenerateTrainingDataset {
         let seed = if audio.is_some() { 0 } else { self.seed };
         let example =
             Example { name: ex.file_name(), prompt, duration, seed, source: Some(ex.rel_path.clone()), audio };
-        let (embedding, prepared, _) = embed(model, objective, spec, &example, None)?;
+        let (embedding, prepared, _) = embed(model, objective, spec, &example, Some(progress))?;
         if !self.quiet {
             for w in &prepared.warnings {
                 eprintln!("warning: {w}");

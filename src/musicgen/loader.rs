@@ -14,10 +14,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde_yaml::Value as Yaml;
 
-use super::checkpoint::{dict_has, dict_string, read_hf_weights, read_json, read_pickle_root, read_pickle_tensors};
+use super::checkpoint::{
+    dict_has, dict_string, open_hf_weights, open_pickle_tensors, read_json, read_pickle_root, StoredTensor,
+};
 use super::config::{delay_pattern, CodecConfig, GenerationDefaults, LmConfig, MusicgenConfig, PadMode, T5Config};
 use super::model::MusicGen;
 use super::params::ParamStore;
@@ -30,6 +32,82 @@ pub struct LoadOptions {
     pub encodec: Option<PathBuf>,
     /// A transformers T5 directory (config.json + weights + tokenizer.json).
     pub t5: Option<PathBuf>,
+    /// What the model is loaded for, which sets the memory it needs.
+    pub purpose: Purpose,
+    /// Load even when the model does not seem to fit in the memory available.
+    pub force: bool,
+}
+
+/// What a command does with a model, for the memory estimate made before loading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Purpose {
+    /// Generation, the loss: the weights, plus at most 15% (measured by `spintrak bench`).
+    #[default]
+    Inference,
+    /// Gradient embeddings: gradients are projected as they are made, never whole, so
+    /// the weights plus at most 30% (measured by `spintrak bench`), codec encoder included.
+    Gradients,
+    /// Fine-tuning: the weights, their gradients and AdamW's two moments, plus activations.
+    Training,
+}
+
+impl Purpose {
+    fn factor(self) -> f64 {
+        match self {
+            Purpose::Inference => 1.15,
+            Purpose::Gradients => 1.3,
+            Purpose::Training => 4.3,
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Purpose::Inference => "generation",
+            Purpose::Gradients => "gradient embeddings",
+            Purpose::Training => "fine-tuning",
+        }
+    }
+}
+
+/// Refuses, before any weight is read, a model whose estimated footprint exceeds the
+/// memory available (unless `--force`): swapping a 14 GB model would take hours, and an
+/// out-of-memory kill loses the run without a word.
+fn check_memory(origin: &str, parts: &[&HashMap<String, StoredTensor>], opts: &LoadOptions) -> Result<()> {
+    check_memory_against(origin, parts, opts, crate::memory::available())
+}
+
+fn check_memory_against(
+    origin: &str,
+    parts: &[&HashMap<String, StoredTensor>],
+    opts: &LoadOptions,
+    available: Option<u64>,
+) -> Result<()> {
+    let mut weights = 0u64;
+    for part in parts {
+        for (name, t) in part.iter() {
+            // Only gradients (audio-nll) and training encode audio with the codec's encoder.
+            if opts.purpose == Purpose::Inference
+                && (name.starts_with("encoder.") || name.starts_with("audio_encoder.encoder."))
+            {
+                continue;
+            }
+            weights += 4 * t.elem_count().unwrap_or(0) as u64;
+        }
+    }
+    let need = (weights as f64 * opts.purpose.factor()) as u64;
+    if let Some(available) = available {
+        if need > available && !opts.force {
+            bail!(
+                "{origin}: {} needs about {} of memory ({} of weights in f32 × {}), but this machine has {} available; free memory, use a machine with more, or pass --force to try anyway",
+                opts.purpose.what(),
+                crate::memory::gb(need),
+                crate::memory::gb(weights),
+                opts.purpose.factor(),
+                crate::memory::gb(available)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The two checkpoint layouts.
@@ -102,7 +180,7 @@ pub fn hf_lm_name(name: &str) -> Option<String> {
 
 /// Maps the LM tensors of a transformers checkpoint onto audiocraft names, packing
 /// q/k/v projections into `in_proj_weight` as audiocraft stores them.
-fn hf_lm_tensors(all: &HashMap<String, Tensor>, layers: usize) -> Result<HashMap<String, Tensor>> {
+fn hf_lm_tensors(all: &HashMap<String, StoredTensor>, layers: usize) -> Result<HashMap<String, StoredTensor>> {
     let mut out = HashMap::new();
     for (name, t) in all {
         if name.contains("_attn.q_proj") || name.contains("_attn.k_proj") || name.contains("_attn.v_proj") {
@@ -124,7 +202,8 @@ fn hf_lm_tensors(all: &HashMap<String, Tensor>, layers: usize) -> Result<HashMap
             let get = |x: &str| {
                 all.get(&format!("{p}.{x}_proj.weight")).ok_or_else(|| anyhow!("missing tensor `{p}.{x}_proj.weight`"))
             };
-            let packed = Tensor::cat(&[get("q")?, get("k")?, get("v")?], 0)?;
+            // Read later straight into one buffer: the pieces are never held twice.
+            let packed = StoredTensor::Stacked(vec![get("q")?.clone(), get("k")?.clone(), get("v")?.clone()]);
             out.insert(format!("transformer.layers.{i}.{ac}.in_proj_weight"), packed);
             for x in ["q", "k", "v"] {
                 let bias = format!("{p}.{x}_proj.bias");
@@ -155,11 +234,11 @@ pub fn codec_name(name: &str) -> String {
     n
 }
 
-fn codec_tensors(all: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+fn codec_tensors<T>(all: HashMap<String, T>) -> HashMap<String, T> {
     all.into_iter().map(|(k, v)| (codec_name(&k), v)).collect()
 }
 
-fn strip_prefix_map(all: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+fn strip_prefix_map<T: Clone>(all: &HashMap<String, T>, prefix: &str) -> HashMap<String, T> {
     all.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|r| (r.to_string(), v.clone()))).collect()
 }
 
@@ -242,16 +321,16 @@ fn resolve_pretrained(kind: &str, name: &str, explicit: Option<&Path>, flag: &st
 // ---------------------------------------------------------------------------------------
 // T5
 
-fn load_t5_dir(dir: &Path, device: &Device) -> Result<(T5Config, ParamStore, TextTokenizer)> {
+fn load_t5_dir(dir: &Path) -> Result<(T5Config, HashMap<String, StoredTensor>, TextTokenizer)> {
     let cfg = T5Config::from_hf_json(&read_json(&dir.join("config.json"))?)
         .with_context(|| format!("{}: unsupported T5 config", dir.join("config.json").display()))?;
-    let weights = read_hf_weights(dir)?;
+    let weights = open_hf_weights(dir)?;
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.exists() {
         bail!("{}: missing; the T5 directory needs the fast tokenizer file tokenizer.json", tok_path.display());
     }
     let tokenizer = TextTokenizer::from_file(&tok_path)?;
-    Ok((cfg, ParamStore::new(weights, dir.display().to_string(), device), tokenizer))
+    Ok((cfg, weights, tokenizer))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -269,14 +348,14 @@ fn load_transformers(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<
             .with_context(|| format!("{}: unusable generation settings", gen_path.display()))?;
         cfg.validate()?;
     }
-    let all = read_hf_weights(dir)?;
+    let all = open_hf_weights(dir)?;
     from_transformers_tensors(cfg, all, dir, None, opts, device)
 }
 
 /// Builds a MusicGen from transformers-named tensors (shared with the built-in model).
 pub fn from_transformers_tensors(
     cfg: MusicgenConfig,
-    all: HashMap<String, Tensor>,
+    all: HashMap<String, StoredTensor>,
     dir: &Path,
     tokenizer: Option<TextTokenizer>,
     opts: &LoadOptions,
@@ -285,16 +364,14 @@ pub fn from_transformers_tensors(
     let origin = dir.display().to_string();
     let lm = hf_lm_tensors(&all, cfg.lm.num_layers).with_context(|| format!("{origin}: LM weights"))?;
     let codec = match &opts.encodec {
-        Some(p) => codec_tensors(read_hf_weights(p)?),
+        Some(p) => codec_tensors(open_hf_weights(p)?),
         None => codec_tensors(strip_prefix_map(&all, "audio_encoder.")),
     };
     let tok_path = dir.join("tokenizer.json");
-    let (t5_store, tokenizer) = if let Some(p) = &opts.t5 {
-        let (_, store, tok) = load_t5_dir(p, device)?;
-        (store, tok)
+    let (t5, t5_origin, tokenizer) = if let Some(p) = &opts.t5 {
+        let (_, weights, tok) = load_t5_dir(p)?;
+        (weights, p.display().to_string(), tok)
     } else {
-        let store =
-            ParamStore::new(strip_prefix_map(&all, "text_encoder."), format!("{origin} (text_encoder)"), device);
         let tok = if let Some(tok) = tokenizer {
             tok
         } else if tok_path.exists() {
@@ -304,14 +381,17 @@ pub fn from_transformers_tensors(
                 .with_context(|| format!("{}: no tokenizer.json next to the weights", dir.display()))?;
             TextTokenizer::from_file(&t5_dir.join("tokenizer.json"))?
         };
-        (store, tok)
+        (strip_prefix_map(&all, "text_encoder."), format!("{origin} (text_encoder)"), tok)
     };
+    drop(all);
+    check_memory(&origin, &[&lm, &codec, &t5], opts)?;
+    let t5_store = ParamStore::stored(t5, t5_origin, device);
     MusicGen::new(
         cfg,
         tokenizer,
         &t5_store,
-        ParamStore::new(lm, format!("{origin} (LM)"), device),
-        ParamStore::new(codec, format!("{origin} (EnCodec)"), device),
+        ParamStore::stored(lm, format!("{origin} (LM)"), device),
+        ParamStore::stored(codec, format!("{origin} (EnCodec)"), device),
         origin,
     )
 }
@@ -617,7 +697,7 @@ fn load_audiocraft_codec(
     dir: &Path,
     lm_xp: &Yaml,
     opts: &LoadOptions,
-) -> Result<(CodecConfig, HashMap<String, Tensor>, String)> {
+) -> Result<(CodecConfig, HashMap<String, StoredTensor>, String)> {
     let candidates = ["compression_state_dict.bin", "compressed_state_dict.bin"];
     let file = candidates.iter().map(|c| dir.join(c)).find(|p| p.exists());
     let pointer = match &file {
@@ -628,7 +708,7 @@ fn load_audiocraft_codec(
                     .ok_or_else(|| anyhow!("{}: has `best_state` but no `xp.cfg` string", path.display()))?;
                 let xp = parse_xp_cfg(path, &xp_text)?;
                 let cfg = codec_config_from_xp(&xp).with_context(|| format!("{}: codec config", path.display()))?;
-                let tensors = codec_tensors(read_pickle_tensors(path, Some("best_state"))?);
+                let tensors = codec_tensors(open_pickle_tensors(path, Some("best_state"))?);
                 return Ok((cfg, tensors, path.display().to_string()));
             }
             dict_string(&root, "pretrained").ok_or_else(|| {
@@ -646,7 +726,7 @@ fn load_audiocraft_codec(
     let codec_dir = resolve_pretrained("EnCodec", &pointer, opts.encodec.as_deref(), "--encodec")?;
     let cfg = CodecConfig::from_hf_json(&read_json(&codec_dir.join("config.json"))?)
         .with_context(|| format!("{}: unsupported EnCodec config", codec_dir.join("config.json").display()))?;
-    let tensors = codec_tensors(read_hf_weights(&codec_dir)?);
+    let tensors = codec_tensors(open_hf_weights(&codec_dir)?);
     Ok((cfg, tensors, codec_dir.display().to_string()))
 }
 
@@ -660,17 +740,24 @@ fn load_audiocraft(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Mu
         bail!("{}: no `best_state`; expected an audiocraft export (export_lm)", lm_path.display());
     }
     let xp = parse_xp_cfg(&lm_path, &xp_text)?;
-    let lm_tensors = read_pickle_tensors(&lm_path, Some("best_state"))?;
+    let lm_tensors = open_pickle_tensors(&lm_path, Some("best_state"))?;
     let proj = lm_tensors
         .get("condition_provider.conditioners.description.output_proj.weight")
         .ok_or_else(|| anyhow!("{}: no text-conditioning projection (`condition_provider.conditioners.description.output_proj.weight`); only text-conditioned MusicGen is supported", lm_path.display()))?;
-    let cond_dim = proj.dim(1)?;
+    let cond_dim = match proj.dims()?[..] {
+        [_, c] => c,
+        ref d => {
+            bail!("{}: the text-conditioning projection has shape {d:?}, expected 2 dimensions", lm_path.display())
+        }
+    };
     let (lm_cfg, channels) =
         lm_config_from_xp(&xp, cond_dim).with_context(|| format!("{}: unsupported LM config", lm_path.display()))?;
     let (codec_cfg, codec, codec_origin) = load_audiocraft_codec(dir, &xp, opts)?;
     let t5_name = yaml_str(&xp, "conditioners.description.t5.name")?.unwrap_or("t5-base");
     let t5_dir = resolve_pretrained("T5 text encoder", t5_name, opts.t5.as_deref(), "--t5")?;
-    let (t5_cfg, t5_store, tokenizer) = load_t5_dir(&t5_dir, device)?;
+    let (t5_cfg, t5, tokenizer) = load_t5_dir(&t5_dir)?;
+    check_memory(&dir.display().to_string(), &[&lm_tensors, &codec, &t5], opts)?;
+    let t5_store = ParamStore::stored(t5, t5_dir.display().to_string(), device);
     let cfg = MusicgenConfig {
         lm: lm_cfg,
         codec: codec_cfg,
@@ -683,8 +770,8 @@ fn load_audiocraft(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Mu
         cfg,
         tokenizer,
         &t5_store,
-        ParamStore::new(lm_tensors, format!("{} (LM)", lm_path.display()), device),
-        ParamStore::new(codec, format!("{codec_origin} (EnCodec)"), device),
+        ParamStore::stored(lm_tensors, format!("{} (LM)", lm_path.display()), device),
+        ParamStore::stored(codec, format!("{codec_origin} (EnCodec)"), device),
         dir.display().to_string(),
     )
 }
@@ -721,6 +808,30 @@ mod tests {
         );
         assert_eq!(codec_name("quantizer.vq.layers.2._codebook.embed"), "quantizer.layers.2.codebook.embed");
         assert_eq!(codec_name("decoder.model.1.lstm.weight_ih_l0"), "decoder.layers.1.lstm.weight_ih_l0");
+    }
+
+    #[test]
+    fn a_model_that_cannot_fit_is_refused_before_loading() {
+        let t = |n: usize| {
+            StoredTensor::Memory(candle_core::Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu).unwrap())
+        };
+        // 4 MB of LM, 1 MB of codec encoder.
+        let lm: HashMap<String, StoredTensor> = [("emb.0.weight".to_string(), t(1 << 20))].into();
+        let codec: HashMap<String, StoredTensor> = [("encoder.layers.0.conv.weight".to_string(), t(1 << 18))].into();
+        let opts = |purpose, force| LoadOptions { purpose, force, ..Default::default() };
+        let check = |o: &LoadOptions, avail: u64| check_memory_against("m", &[&lm, &codec], o, Some(avail));
+        // Generation: 4 MB × 1.15 (the encoder is not loaded).
+        assert!(check(&opts(Purpose::Inference, false), 4_900_000).is_ok());
+        let e = format!("{:#}", check(&opts(Purpose::Inference, false), 4_700_000).unwrap_err());
+        assert!(e.contains("4.8") || e.contains("--force"), "{e}");
+        assert!(e.contains("generation") && e.contains("available") && e.contains("--force"), "{e}");
+        // Gradients need the encoder and 1.3×: 5 MB × 1.3 = 6.8 MB.
+        assert!(check(&opts(Purpose::Gradients, false), 6_000_000).is_err());
+        assert!(check(&opts(Purpose::Gradients, false), 7_000_000).is_ok());
+        assert!(check(&opts(Purpose::Training, false), 7_000_000).is_err());
+        // --force loads anyway; an unknown amount of memory is not a reason to refuse.
+        assert!(check(&opts(Purpose::Training, true), 1).is_ok());
+        assert!(check_memory_against("m", &[&lm], &opts(Purpose::Training, false), None).is_ok());
     }
 
     fn xp(text: &str) -> Yaml {

@@ -19,5 +19,5 @@ pub mod t5;
 pub mod tiny;
 
 pub use config::MusicgenConfig;
-pub use loader::{load, LoadOptions};
+pub use loader::{load, LoadOptions, Purpose};
 pub use model::{GenerateOptions, Generation, MusicGen};

@@ -302,6 +302,11 @@ impl MusicGen {
 }
 
 impl MusicGen {
+    /// Bytes of the weights loaded so far (T5, LM, codec; the codec's encoder once built).
+    pub fn loaded_bytes(&self) -> u64 {
+        [&self.t5_params, &self.lm_params, &self.codec_params].iter().map(|s| s.claimed_bytes()).sum()
+    }
+
     /// A hash of everything that shapes a gradient embedding: the model config (minus
     /// sampling defaults), and every tensor of the codec decoder, the LM, the codebooks
     /// and the T5 encoder, in canonical names and order. The same weights give the same

@@ -12,9 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::checkpoint::StoredTensor;
+
 struct Inner {
-    /// Tensors read from the checkpoint, not yet claimed by the model.
-    unclaimed: HashMap<String, Tensor>,
+    /// Tensors of the checkpoint, not yet claimed (nor read) by the model.
+    unclaimed: HashMap<String, StoredTensor>,
     /// Trainable parameters in model order.
     params: Vec<(String, Var)>,
     index: HashMap<String, usize>,
@@ -39,6 +41,13 @@ pub struct ParamStore {
 
 impl ParamStore {
     pub fn new(tensors: HashMap<String, Tensor>, origin: impl Into<String>, device: &Device) -> Self {
+        let stored = tensors.into_iter().map(|(n, t)| (n, StoredTensor::Memory(t))).collect();
+        Self::stored(stored, origin, device)
+    }
+
+    /// A store over checkpoint tensors that are read when the model claims them, each
+    /// straight into the buffer the model keeps.
+    pub fn stored(tensors: HashMap<String, StoredTensor>, origin: impl Into<String>, device: &Device) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Inner {
                 unclaimed: tensors,
@@ -60,12 +69,22 @@ impl ParamStore {
         store
     }
 
-    /// Every tensor, claimed or not (for saving a model whole).
-    pub fn all(&self) -> HashMap<String, Tensor> {
+    /// Every tensor, claimed or not (for saving a model whole); unclaimed ones are read.
+    pub fn all(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = self.claimed();
         let inner = self.lock();
-        out.extend(inner.unclaimed.iter().map(|(n, t)| (n.clone(), t.clone())));
-        out
+        for (n, t) in inner.unclaimed.iter() {
+            out.insert(n.clone(), t.to_tensor(n)?);
+        }
+        Ok(out)
+    }
+
+    /// Bytes of every tensor the model has claimed (what loading it put in memory).
+    pub fn claimed_bytes(&self) -> u64 {
+        let inner = self.lock();
+        let size = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        inner.params.iter().map(|(_, v)| size(v.as_tensor())).sum::<u64>()
+            + inner.buffers.values().map(size).sum::<u64>()
     }
 
     /// Every claimed tensor (parameters and buffers) by name.
@@ -158,30 +177,52 @@ impl ParamStore {
             check_shape(&self.origin, name, t, shape)?;
             return Ok(t.clone());
         }
-        let t = match (inner.unclaimed.remove(name), &self.init) {
+        let stored = match (inner.unclaimed.remove(name), &self.init) {
             (Some(t), _) => Some(t),
-            (None, Some(init)) => Some(init(name, shape)?),
+            (None, Some(init)) => Some(StoredTensor::Memory(init(name, shape)?)),
             (None, None) => None,
         };
-        let Some(t) = t else {
+        let Some(stored) = stored else {
             bail!(
                 "{}: missing tensor `{name}` (expected shape {shape:?}); the checkpoint does not match its config",
                 self.origin
             );
         };
-        check_shape(&self.origin, name, &t, shape)?;
-        let t = t.to_device(&self.device)?.to_dtype(self.dtype)?;
-        if trainable {
-            let var = Var::from_tensor(&t)?;
-            let out = if detach { var.as_tensor().detach() } else { var.as_tensor().clone() };
-            let idx = inner.params.len();
-            inner.params.push((name.to_string(), var));
-            inner.index.insert(name.to_string(), idx);
-            Ok(out)
-        } else {
-            inner.buffers.insert(name.to_string(), t.clone());
-            Ok(t)
+        let dims = stored.dims().map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e:#}", self.origin))?;
+        if dims != shape {
+            bail!("{}: tensor `{name}` has shape {dims:?}, the config expects {shape:?}", self.origin);
         }
+        let on_cpu_f32 = self.device.is_cpu() && self.dtype == DType::F32;
+        let value = match stored {
+            StoredTensor::Memory(t) => Stored::Tensor(t),
+            // Read from the file straight into the buffer the model keeps.
+            file if on_cpu_f32 => Stored::Data(file.read_f32(name)?),
+            file => Stored::Tensor(Tensor::from_vec(file.read_f32(name)?, shape, &Device::Cpu)?),
+        };
+        let out = match (value, trainable) {
+            (Stored::Data(v), true) => {
+                let var = Var::from_vec(v, shape, &self.device)?;
+                self.push_param(&mut inner, name, var, detach)
+            }
+            (Stored::Data(v), false) => Tensor::from_vec(v, shape, &self.device)?,
+            (Stored::Tensor(t), true) => {
+                let t = t.to_device(&self.device)?.to_dtype(self.dtype)?;
+                self.push_param(&mut inner, name, Var::from_tensor(&t)?, detach)
+            }
+            (Stored::Tensor(t), false) => t.to_device(&self.device)?.to_dtype(self.dtype)?,
+        };
+        if !trainable {
+            inner.buffers.insert(name.to_string(), out.clone());
+        }
+        Ok(out)
+    }
+
+    fn push_param(&self, inner: &mut Inner, name: &str, var: Var, detach: bool) -> Tensor {
+        let out = if detach { var.as_tensor().detach() } else { var.as_tensor().clone() };
+        let idx = inner.params.len();
+        inner.params.push((name.to_string(), var));
+        inner.index.insert(name.to_string(), idx);
+        out
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -191,6 +232,12 @@ impl ParamStore {
         let inner = self.lock();
         inner.unclaimed.contains_key(name) || inner.index.contains_key(name) || inner.buffers.contains_key(name)
     }
+}
+
+/// A claimed tensor before it takes its final form.
+enum Stored {
+    Data(Vec<f32>),
+    Tensor(Tensor),
 }
 
 fn check_shape(origin: &str, name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {

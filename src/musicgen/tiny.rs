@@ -12,6 +12,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 
+use super::checkpoint::StoredTensor;
 use super::codec::Codec;
 use super::config::{
     delay_pattern, CodecConfig, GenerationDefaults, LmConfig, MusicgenConfig, PadMode, T5Config, T5FeedForward,
@@ -356,7 +357,7 @@ pub fn build(seed: u64, device: &Device) -> Result<MusicGen> {
     let tokenizer = TextTokenizer::from_json(&tok)?;
     let mut model = from_transformers_tensors(
         cfg,
-        tensors,
+        tensors.into_iter().map(|(n, t)| (n, StoredTensor::Memory(t))).collect(),
         Path::new("<built-in tiny model>"),
         Some(tokenizer),
         &LoadOptions::default(),
@@ -377,9 +378,9 @@ pub fn write(dir: &Path, seed: u64) -> Result<()> {
 pub fn save_transformers(model: &MusicGen, dir: &Path) -> Result<()> {
     let cfg = &model.cfg;
     let mut all: HashMap<String, Tensor> = HashMap::new();
-    all.extend(model.t5_params.all().into_iter().map(|(k, v)| (format!("text_encoder.{k}"), v)));
-    all.extend(model.codec_params.all().into_iter().map(|(k, v)| (format!("audio_encoder.{k}"), v)));
-    all.extend(lm_to_transformers(model.lm_params.all(), cfg.lm.dim)?);
+    all.extend(model.t5_params.all()?.into_iter().map(|(k, v)| (format!("text_encoder.{k}"), v)));
+    all.extend(model.codec_params.all()?.into_iter().map(|(k, v)| (format!("audio_encoder.{k}"), v)));
+    all.extend(lm_to_transformers(model.lm_params.all()?, cfg.lm.dim)?);
     let (config, generation) = cfg.to_hf_json();
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
     crate::io::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
@@ -408,6 +409,129 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
         .map(|(n, b, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
         .collect::<Result<Vec<_>>>()?;
     Ok(safetensors::serialize(views, None)?)
+}
+
+/// Writes a MusicGen of any shape with random weights as a sharded transformers
+/// directory (`model-0000N-of-0000M.safetensors` + `model.safetensors.index.json`, as the
+/// hub publishes large models), one tensor at a time: the model is never whole in memory,
+/// so a model of musicgen-stereo-large's 3.5 B parameters is written on a 24 GB machine.
+/// Names and shapes come from a one-layer model of the same widths built by the model's
+/// own constructors; its layer's tensors repeat for every layer. Returns the bytes written.
+pub fn write_random_transformers(cfg: &MusicgenConfig, seed: u64, dir: &Path, shard_bytes: u64) -> Result<u64> {
+    use std::io::Write;
+    let mut one = cfg.clone();
+    one.lm.num_layers = 1;
+    let model = random_model(one, seed, candle_core::DType::F32, &Device::Cpu)?;
+    // The encoder is built on demand; build it so that its weights are written too.
+    super::codec::CodecEncoder::new(&model.cfg.codec, model.codec_params.vb(true).pp("encoder"))?;
+    // (name, shape, values known now or drawn when written)
+    let mut entries: Vec<(String, Vec<usize>, Option<Tensor>)> = Vec::new();
+    for (k, v) in model.t5_params.all()? {
+        entries.push((format!("text_encoder.{k}"), v.dims().to_vec(), Some(v)));
+    }
+    for (k, v) in model.codec_params.all()? {
+        entries.push((format!("audio_encoder.{k}"), v.dims().to_vec(), Some(v)));
+    }
+    let layer0 = "decoder.model.decoder.layers.0.";
+    for (k, v) in lm_to_transformers(model.lm_params.all()?, cfg.lm.dim)? {
+        match k.strip_prefix(layer0) {
+            Some(sub) => {
+                for i in 0..cfg.lm.num_layers {
+                    entries.push((format!("decoder.model.decoder.layers.{i}.{sub}"), v.dims().to_vec(), None));
+                }
+            }
+            None => entries.push((k, v.dims().to_vec(), Some(v))),
+        }
+    }
+    drop(model);
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    // Shards of at most `shard_bytes` (a tensor larger than that gets a shard of its own).
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut filled = 0u64;
+    for (i, (_, shape, _)) in entries.iter().enumerate() {
+        let bytes = 4 * shape.iter().product::<usize>() as u64;
+        if filled > 0 && filled + bytes > shard_bytes {
+            shards.push(Vec::new());
+            filled = 0;
+        }
+        filled += bytes;
+        if let Some(s) = shards.last_mut() {
+            s.push(i);
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+    let count = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0u64;
+    for (s, members) in shards.iter().enumerate() {
+        let file_name = format!("model-{:05}-of-{count:05}.safetensors", s + 1);
+        let mut header = serde_json::Map::new();
+        let mut at = 0u64;
+        for &i in members {
+            let (name, shape, _) = &entries[i];
+            let bytes = 4 * shape.iter().product::<usize>() as u64;
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [at, at + bytes]}),
+            );
+            weight_map.insert(name.clone(), file_name.clone().into());
+            at += bytes;
+        }
+        let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
+        // The data section starts 8-aligned, as the reference writer pads it.
+        while !(8 + json.len()).is_multiple_of(8) {
+            json.push(b' ');
+        }
+        let path = dir.join(&file_name);
+        let file = std::fs::File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+        let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
+        out.write_all(&(json.len() as u64).to_le_bytes())?;
+        out.write_all(&json)?;
+        for &i in members {
+            let (name, shape, known) = &entries[i];
+            let values: Vec<f32> = match known {
+                Some(t) => t.flatten_all()?.to_vec1()?,
+                None => random_values(seed, name, shape),
+            };
+            out.write_all(bytemuck::cast_slice(&values))?;
+        }
+        out.flush().with_context(|| format!("{}: cannot write", path.display()))?;
+        total += at;
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let (config, generation) = cfg.to_hf_json();
+    let write = |name: &str, v: &serde_json::Value| -> Result<()> {
+        crate::io::write_atomic(&dir.join(name), serde_json::to_string_pretty(v)?.as_bytes())
+    };
+    write("model.safetensors.index.json", &index)?;
+    write("config.json", &config)?;
+    write("generation_config.json", &generation)?;
+    crate::io::write_atomic(&dir.join("tokenizer.json"), tokenizer_json().as_bytes())?;
+    Ok(total)
+}
+
+/// Random values for one LM layer tensor, drawn in parallel: layer-norm gains 1, biases
+/// small, matrices uniform with a 1/√fan-in standard deviation (fast to draw; the
+/// distribution does not matter to speed or memory, only finiteness and scale do).
+fn random_values(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let key = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let n: usize = shape.iter().product();
+    if shape.len() == 1 && name.ends_with(".weight") {
+        return vec![1.0; n];
+    }
+    let std = if shape.len() == 1 { 0.02 } else { 1.0 / (shape[1..].iter().product::<usize>().max(1) as f64).sqrt() };
+    // Uniform on [−√3σ, √3σ) has standard deviation σ.
+    let half_width = (3.0f64.sqrt() * std) as f32;
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
+        let mut s = rng::Stream::new(rng::hash(key, &[c as u64]));
+        for x in chunk.iter_mut() {
+            let u = (s.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+            *x = (2.0 * u - 1.0) * half_width;
+        }
+    });
+    v
 }
 
 /// A MusicGen of any shape with deterministic random weights, built directly (no files).
