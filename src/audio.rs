@@ -132,15 +132,26 @@ mod tests {
 /// Decodes an audio file (wav, mp3, flac, m4a/aac, ogg) to planar f32 channels and its
 /// sample rate.
 pub fn read_audio(path: &Path) -> Result<(Vec<Vec<f32>>, u32)> {
+    guarded_decode(path, false)
+}
+
+/// Checks that a file is audio this tool can decode (format, track, sample rate and the
+/// first packet), without decoding it all: how the dataset walk reports a text file
+/// named `.mp3` when the objective never reads the audio.
+pub fn probe_audio(path: &Path) -> Result<()> {
+    guarded_decode(path, true).map(|_| ())
+}
+
+fn guarded_decode(path: &Path, first_only: bool) -> Result<(Vec<Vec<f32>>, u32)> {
     // Decoders of damaged files may panic deep inside; a damaged file is an error, not a crash.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let result = std::panic::catch_unwind(|| decode_audio(path));
+    let result = std::panic::catch_unwind(|| decode_audio(path, first_only));
     std::panic::set_hook(hook);
     result.unwrap_or_else(|_| anyhow::bail!("{}: damaged audio (the decoder could not read it)", path.display()))
 }
 
-fn decode_audio(path: &Path) -> Result<(Vec<Vec<f32>>, u32)> {
+fn decode_audio(path: &Path, first_only: bool) -> Result<(Vec<Vec<f32>>, u32)> {
     use symphonia::core::audio::SampleBuffer;
     use symphonia::core::codecs::DecoderOptions;
     use symphonia::core::errors::Error as SymError;
@@ -199,6 +210,9 @@ fn decode_audio(path: &Path) -> Result<(Vec<Vec<f32>>, u32)> {
             for (c, &x) in frame.iter().enumerate() {
                 channels[c].push(x);
             }
+        }
+        if first_only && channels.first().is_some_and(|c| !c.is_empty()) {
+            break;
         }
     }
     if channels.first().is_none_or(|c| c.is_empty()) {

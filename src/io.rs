@@ -94,3 +94,24 @@ mod tests {
         assert!(write_atomic(dir.path(), b"x").is_err());
     }
 }
+
+/// `s` with control characters (C0, DEL, C1) and bidirectional overrides shown as
+/// `\u{..}`: text from files and flags (descriptions, labels, names) cannot then move the
+/// cursor, recolour or reorder a terminal, nor make an SVG invalid XML.
+pub fn printable(s: &str) -> String {
+    let hidden = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(hidden) {
+        return s.to_string();
+    }
+    s.chars().map(|c| if hidden(c) { format!("\\u{{{:x}}}", c as u32) } else { c.to_string() }).collect()
+}
+
+#[cfg(test)]
+mod printable_tests {
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        assert_eq!(super::printable("rock\x1b[2Jsong\n"), "rock\\u{1b}[2Jsong\\u{a}");
+        assert_eq!(super::printable("a\u{202e}b\u{85}"), "a\\u{202e}b\\u{85}");
+        assert_eq!(super::printable("Café — ok"), "Café — ok");
+    }
+}

@@ -151,3 +151,34 @@ fn damaged_weights_are_refused_naming_the_tensor() {
     let e = load_error(dir.path());
     assert!(e.contains("outside the data section") && e.contains("model.safetensors"), "{e}");
 }
+
+/// A zip checkpoint whose `data.pkl` is `pickle`.
+fn zip_checkpoint(path: &Path, pickle: &[u8]) {
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", stored).unwrap();
+    std::io::Write::write_all(&mut zip, pickle).unwrap();
+    zip.finish().unwrap();
+}
+
+#[test]
+fn hostile_pickles_are_refused_not_crashed_on() {
+    use spintrak::musicgen::checkpoint::read_pickle_root;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state_dict.bin");
+    // 200,000 nested lists: without a depth limit, dropping the parsed object overflows the stack.
+    let mut deep = b"\x80\x02]".to_vec();
+    deep.extend(std::iter::repeat_n(b']', 200_000));
+    deep.extend(std::iter::repeat_n(b'a', 200_000));
+    deep.push(b'.');
+    zip_checkpoint(&path, &deep);
+    let e = format!("{:#}", read_pickle_root(&path).unwrap_err());
+    assert!(e.contains("state_dict.bin") && e.contains("nested deeper"), "{e}");
+    // A string claiming 4 GB: refused before anything is allocated.
+    zip_checkpoint(&path, b"\x80\x02X\xff\xff\xff\xffabc.");
+    let e = format!("{:#}", read_pickle_root(&path).unwrap_err());
+    assert!(e.contains("past the end"), "{e}");
+    // The control: a small real-shaped pickle reads.
+    zip_checkpoint(&path, b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01K\x01s.");
+    read_pickle_root(&path).unwrap();
+}

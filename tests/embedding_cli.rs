@@ -100,16 +100,51 @@ fn bad_projection_settings_and_outputs_fail_cleanly() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("/nonexistent-dir"));
     assert!(!out.exists());
     // A read-only directory: the error names the file and nothing half-written remains.
+    // Root ignores permissions, so as root the command runs as `nobody` (setpriv).
+    use std::os::unix::fs::PermissionsExt;
     let ro = dir.path().join("ro");
     std::fs::create_dir(&ro).unwrap();
-    let mut perm = std::fs::metadata(&ro).unwrap().permissions();
-    perm.set_readonly(true);
-    std::fs::set_permissions(&ro, perm).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
     let target = ro.join("x.bin");
-    let o = gradients(target.to_str().unwrap(), &[], &[]);
-    let writable_anyway = o.status.success(); // root ignores permissions
-    if !writable_anyway {
-        assert!(String::from_utf8_lossy(&o.stderr).contains("x.bin"));
-        assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0, "no temporary file left behind");
+    let args = ["generate-gradients", "--prompt", "calm", "--duration", "1", "--quiet", "--output"];
+    let root = effective_uid() == 0;
+    let mut cmd = if root {
+        if Command::new("setpriv").arg("--version").output().is_err() {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED read-only-directory check: running as root and setpriv is not installed (root ignores permissions)"
+            );
+            return;
+        }
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_spintrak")]);
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_spintrak"))
+    };
+    let o = cmd.args(args).arg(&target).env_remove("RUST_BACKTRACE").output().expect("spawn");
+    let err = String::from_utf8_lossy(&o.stderr);
+    if root && err.starts_with("setpriv:") {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED read-only-directory check: `nobody` cannot run the test binary ({err})"
+        );
+        return;
     }
+    assert!(!o.status.success() && err.contains("x.bin") && err.contains("cannot write"), "root: {root}: {err}");
+    assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0, "no temporary file left behind");
+}
+
+/// The effective user id, from /proc (root is 0).
+fn effective_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u32::MAX)
 }

@@ -30,7 +30,9 @@ fn dataset(root: &Path, n: usize, seconds: f64) {
         let dir = root.join(if i % 2 == 0 { "rock" } else { "salsa/live" });
         std::fs::create_dir_all(&dir).unwrap();
         let stem = format!("song{i:02}");
-        std::fs::write(dir.join(format!("{stem}.{}", exts[i % exts.len()])), b"audio").unwrap();
+        // Real (short) audio under every extension: the walk probes each file.
+        let tone: Vec<f32> = (0..3200).map(|t| (t as f32 * 0.05 * (i + 1) as f32).sin() * 0.3).collect();
+        spintrak::audio::write_wav(&dir.join(format!("{stem}.{}", exts[i % exts.len()])), &[tone], 32000).unwrap();
         let desc = if i % 2 == 0 { "moody rock ballad" } else { "lively salsa groove" };
         std::fs::write(
             dir.join(format!("{stem}.json")),
@@ -40,9 +42,9 @@ fn dataset(root: &Path, n: usize, seconds: f64) {
     }
 }
 
-// These tests exercise the walk's machinery (jobs, shards, resume, failures) on files that
-// are not real audio; the generation objective never reads them. audio-nll on real audio is
-// tested in tests/provenance.rs.
+// These tests exercise the walk's machinery (jobs, shards, resume, failures) with the
+// generation objective, which only probes the audio. audio-nll on real audio is tested in
+// tests/provenance.rs.
 fn train(input: &Path, output: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut args = vec![
         "generate-training-dataset-parallel",
@@ -186,6 +188,19 @@ fn shards_merge_into_the_single_machine_file() {
     assert!(train(&data, &other, &["--shard", "1/3", "--proj-seed", "9"], &[]).status.success());
     let o = run(&["merge", merged.to_str().unwrap(), ps[0], other.to_str().unwrap(), ps[2]], &[]);
     assert!(!o.status.success() && err(&o).contains("projector seed"), "{}", err(&o));
+    // A shard run with another --duration, or over another dataset of the same size.
+    let other = tmp.path().join("other_duration.bin");
+    assert!(train(&data, &other, &["--shard", "1/3", "--duration", "0.3"], &[]).status.success());
+    let o = run(&["merge", merged.to_str().unwrap(), ps[0], other.to_str().unwrap(), ps[2]], &[]);
+    assert!(!o.status.success() && err(&o).contains("--duration 0.3 s"), "{}", err(&o));
+    let data2 = tmp.path().join("data2");
+    dataset(&data2, 7, 0.4);
+    std::fs::rename(data2.join("rock/song00.wav"), data2.join("rock/another00.wav")).unwrap();
+    std::fs::rename(data2.join("rock/song00.json"), data2.join("rock/another00.json")).unwrap();
+    let other = tmp.path().join("other_dataset.bin");
+    assert!(train(&data2, &other, &["--shard", "1/3"], &[]).status.success());
+    let o = run(&["merge", merged.to_str().unwrap(), ps[0], other.to_str().unwrap(), ps[2]], &[]);
+    assert!(!o.status.success() && err(&o).contains("another dataset"), "{}", err(&o));
 }
 
 #[test]
@@ -201,11 +216,15 @@ fn broken_examples_are_reported_and_the_rest_kept() {
     std::fs::write(data.join("bad/notext.flac"), b"x").unwrap();
     std::fs::write(data.join("bad/notext.json"), br#"{"duration": 1}"#).unwrap();
     std::fs::write(data.join("bad/orphan.mp3"), b"x").unwrap();
+    // Text named .mp3 with a good description: the generation objective never decodes it,
+    // but the walk probes it.
+    std::fs::write(data.join("bad/text.mp3"), b"ID3? no: a plain text file that is not audio at all").unwrap();
+    std::fs::write(data.join("bad/text.json"), br#"{"description": "x", "duration": 1}"#).unwrap();
     let out = tmp.path().join("out.bin");
     let o = train(&data, &out, &["--jobs", "2"], &[]);
     let e = err(&o);
     assert!(!o.status.success());
-    for needle in ["3 of 7 examples failed", "malformed.json", "0 bytes", "description"] {
+    for needle in ["4 of 8 examples failed", "malformed.json", "0 bytes", "description", "text.mp3: not usable audio"] {
         assert!(e.contains(needle), "missing `{needle}` in: {e}");
     }
     assert!(!out.exists(), "no partial output file");
@@ -220,6 +239,39 @@ fn broken_examples_are_reported_and_the_rest_kept() {
     let o = train(&data, &out, &["--resume"], &[]);
     assert!(o.status.success(), "{}", err(&o));
     assert_eq!(spintrak::store::EmbeddingFile::read(&out).unwrap().rows(), 4);
+}
+
+#[test]
+fn resume_recomputes_what_changed_since() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    dataset(&data, 4, 0.4);
+    // One broken example makes the run stop with its state kept.
+    spintrak::audio::write_wav(&data.join("late.wav"), &[vec![0.1; 3200]], 32000).unwrap();
+    std::fs::write(data.join("late.json"), b"{oops").unwrap();
+    let out = tmp.path().join("out.bin");
+    assert!(!train(&data, &out, &[], &[]).status.success());
+    let state = PathBuf::from(format!("{}.state", out.display()));
+    // Meanwhile: a description is edited, and a state file is damaged.
+    std::fs::write(data.join("rock/song00.json"), r#"{"description": "a harp solo now", "duration": 0.4}"#).unwrap();
+    let victim = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "bin"))
+        .unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&victim, bytes).unwrap();
+    // Fixed, resumed: the output equals a fresh run over the dataset as it is now.
+    std::fs::write(data.join("late.json"), br#"{"description": "late song", "duration": 0.4}"#).unwrap();
+    let o = train(&data, &out, &["--resume"], &[]);
+    assert!(o.status.success(), "{}", err(&o));
+    let fresh = tmp.path().join("fresh.bin");
+    assert!(train(&data, &fresh, &[], &[]).status.success());
+    assert_eq!(read(&out), read(&fresh), "a resumed run kept a stale or damaged example");
+    let f = spintrak::store::EmbeddingFile::read(&out).unwrap();
+    assert!(f.header.records.iter().any(|r| r.prompt == "a harp solo now"));
 }
 
 #[test]

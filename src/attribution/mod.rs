@@ -4,6 +4,7 @@
 pub mod gradient;
 pub mod objective;
 pub mod projector;
+pub mod record;
 pub mod score;
 
 pub use gradient::{embed, for_each_gradient, gradient_dim, Timings};

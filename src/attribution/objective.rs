@@ -16,13 +16,13 @@ use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
+use super::record::{ObjectiveInfo, Record};
 use crate::musicgen::codec::{Codec, CodecEncoder};
 use crate::musicgen::lm::Lm;
 use crate::musicgen::loss::{consecutive_windows, window_frames, TeacherForced};
 use crate::musicgen::model::Window;
 use crate::musicgen::sampling::Sampler;
 use crate::musicgen::{GenerateOptions, Generation, MusicGen};
-use crate::store::embedding_file::ObjectiveInfo;
 
 /// The objectives, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -84,8 +84,8 @@ impl Example {
     }
 
     /// The stored row of this example, embedded over `duration` seconds.
-    pub fn record(&self, duration: f64) -> crate::store::Record {
-        crate::store::Record {
+    pub fn record(&self, duration: f64) -> Record {
+        Record {
             name: self.name.clone(),
             prompt: self.prompt.clone(),
             duration,

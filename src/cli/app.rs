@@ -74,7 +74,7 @@ pub fn main_with(mut args: Vec<OsString>) -> ExitCode {
             // One line: each cause's first line (library errors may carry backtraces).
             let msg: Vec<String> =
                 e.chain().map(|c| c.to_string().lines().next().unwrap_or_default().trim().to_string()).collect();
-            eprintln!("error: {}", msg.join(": "));
+            eprintln!("error: {}", crate::io::printable(&msg.join(": ")));
             ExitCode::FAILURE
         }
     }

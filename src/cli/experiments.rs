@@ -58,9 +58,7 @@ pub struct ExperimentRunner {
 
 impl ExperimentRunner {
     pub fn run(&self) -> Result<()> {
-        if self.jobs == 0 {
-            bail!("--jobs must be at least 1");
-        }
+        super::check_jobs(self.jobs)?;
         let (cfg, text) = ExperimentConfig::read(&self.config)?;
         if !self.output_dir.is_dir() {
             bail!("{}: --output-dir does not exist", self.output_dir.display());
@@ -75,6 +73,7 @@ impl ExperimentRunner {
         let spec = self.projection.spec(&model, objective)?;
         let fingerprint = model.fingerprint()?;
         let layout = prepare_dir(&cfg, &text, &self.output_dir, self.resume_from.as_deref())?;
+        let _lock = crate::experiments::runner::open_run(&layout, objective, &spec, &fingerprint)?;
         let todo: Vec<_> = cases.iter().filter(|c| !case_done(&layout, c, objective, &spec, &fingerprint)).collect();
         if !self.quiet {
             eprintln!("{}: {} cases ({} to do)", layout.dir.display(), cases.len(), todo.len());
@@ -169,7 +168,8 @@ impl ExperimentResultsArgs {
 fn print_top(title: &str, infl: &[crate::attribution::score::Influence]) {
     println!("{title}");
     for i in infl {
-        println!("  {:>2}. {:<40} {:>+13.6e}  {:>+7.2}%  {}", i.rank, i.name, i.score, i.percentage, i.direction);
+        let name = crate::io::printable(&i.name);
+        println!("  {:>2}. {:<40} {:>+13.6e}  {:>+7.2}%  {}", i.rank, name, i.score, i.percentage, i.direction);
     }
 }
 
@@ -241,7 +241,8 @@ fn report(q: &EmbeddingFile, training: &[crate::store::Record], s: &[f64], top: 
         if json {
             out.push(serde_json::json!({"query": r, "top": infl}));
         } else {
-            print_top(&format!("{} — \"{}\" ({} s, seed {}):", r.name, r.prompt, r.duration, r.seed), &infl);
+            let (name, prompt) = (crate::io::printable(&r.name), crate::io::printable(&r.prompt));
+            print_top(&format!("{name} — \"{prompt}\" ({} s, seed {}):", r.duration, r.seed), &infl);
         }
     }
     if json {

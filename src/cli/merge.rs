@@ -30,13 +30,13 @@ impl Merge {
         let files: Vec<(PathBuf, EmbeddingFile)> =
             self.shards.iter().map(|p| Ok((p.clone(), EmbeddingFile::read(p)?))).collect::<Result<_>>()?;
         let (first_path, first) = &files[0];
-        let Some(info) = first.header.shard else {
+        let Some(info) = first.header.shard.clone() else {
             bail!("{}: not a shard (made without --shard)", first_path.display());
         };
         let mut seen = vec![None::<&PathBuf>; info.count];
         for (path, f) in &files {
             first.header.check_compatible(&f.header, &first_path.display().to_string(), &path.display().to_string())?;
-            let Some(s) = f.header.shard else { bail!("{}: not a shard (made without --shard)", path.display()) };
+            let Some(s) = &f.header.shard else { bail!("{}: not a shard (made without --shard)", path.display()) };
             if s.count != info.count || s.dataset_examples != info.dataset_examples {
                 bail!(
                     "{}: shard of a different run ({} shards over {} examples; {} has {} over {})",
@@ -46,6 +46,23 @@ impl Merge {
                     first_path.display(),
                     info.count,
                     info.dataset_examples
+                );
+            }
+            if s.dataset != info.dataset {
+                bail!(
+                    "{}: shard of another dataset (its examples' paths differ from those of {}); merge only the shards of one run",
+                    path.display(),
+                    first_path.display()
+                );
+            }
+            if s.duration != info.duration {
+                let show = |d: Option<f64>| d.map_or("each example's own".to_string(), |d| format!("{d} s"));
+                bail!(
+                    "{}: made with --duration {}, but {} with {}; merge only the shards of one run",
+                    path.display(),
+                    show(s.duration),
+                    first_path.display(),
+                    show(info.duration)
                 );
             }
             if s.index >= s.count {

@@ -208,6 +208,19 @@ impl SamplingArgs {
     }
 }
 
+/// `--jobs` between 1 and the machine's CPUs: the jobs share the CPU threads, so more jobs
+/// than CPUs cannot go faster, and each holds an example's activations and gradients.
+pub fn check_jobs(jobs: usize) -> Result<()> {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    if jobs > cpus {
+        bail!("--jobs {jobs}: this machine has {cpus} CPU(s); more jobs than CPUs only multiplies the memory used (use --jobs {cpus} or fewer)");
+    }
+    Ok(())
+}
+
 /// A progress bar on stderr (hidden when `quiet` or when stderr is not a terminal).
 pub fn progress_bar(quiet: bool, message: &str) -> indicatif::ProgressBar {
     if quiet {

@@ -1,11 +1,10 @@
 //! `spintrak generate-training-dataset-parallel`: one gradient embedding per training
 //! example, in parallel, resumable after any crash, and shardable across machines.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde::{Deserialize, Serialize};
 
 use super::{
     check_output_dir, parse_duration, parse_offset, single_file, ModelArgs, ObjectiveArgs, ProjectionArgs, SamplingArgs,
@@ -13,8 +12,8 @@ use super::{
 use crate::attribution::{embed, AudioInput, Example, Objective, ObjectiveKind, ProjectorSpec};
 use crate::dataset::{walk, TrainingExample};
 use crate::musicgen::MusicGen;
-use crate::store::embedding_file::{ObjectiveInfo, ShardInfo};
-use crate::store::EmbeddingFile;
+use crate::store::embedding_file::ShardInfo;
+use crate::store::run_state::{Inputs, RunState, Settings};
 
 /// Embed every example of a training dataset (audio + JSON description).
 #[derive(Debug, Args)]
@@ -68,42 +67,6 @@ pub struct GenerateTrainingDataset {
     pub quiet: bool,
 }
 
-/// What a state folder was made with; a resume must match it exactly.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Manifest {
-    model_fingerprint: String,
-    objective: ObjectiveInfo,
-    projector: ProjectorSpec,
-    seed: u64,
-    duration: Option<f64>,
-    #[serde(default)]
-    offset: f64,
-    shard: Option<ShardInfo>,
-}
-
-impl Manifest {
-    fn check(&self, stored: &Manifest, dir: &Path) -> Result<()> {
-        let fields: [(&str, String, String); 7] = [
-            ("model", self.model_fingerprint.clone(), stored.model_fingerprint.clone()),
-            ("objective", serde_json::to_string(&self.objective)?, serde_json::to_string(&stored.objective)?),
-            ("projector", serde_json::to_string(&self.projector)?, serde_json::to_string(&stored.projector)?),
-            ("seed", self.seed.to_string(), stored.seed.to_string()),
-            ("duration", format!("{:?}", self.duration), format!("{:?}", stored.duration)),
-            ("offset", format!("{:?}", self.offset), format!("{:?}", stored.offset)),
-            ("shard", format!("{:?}", self.shard), format!("{:?}", stored.shard)),
-        ];
-        for (name, now, then) in fields {
-            if now != then {
-                bail!(
-                    "{}: this state was made with a different {name} ({then}; now {now}); rerun with the same settings, or delete the folder to start over",
-                    dir.display()
-                );
-            }
-        }
-        Ok(())
-    }
-}
-
 /// `I/N`, or the cluster's environment.
 fn resolve_shard(arg: Option<&str>, shards: Option<usize>) -> Result<Option<(usize, usize)>> {
     let parse = |s: &str, what: &str| -> Result<usize> {
@@ -132,16 +95,9 @@ fn resolve_shard(arg: Option<&str>, shards: Option<usize>) -> Result<Option<(usi
     Ok(Some((index, count)))
 }
 
-/// State file of one example: named by a hash of its relative path.
-fn state_file(dir: &Path, rel_path: &str) -> PathBuf {
-    dir.join(format!("{:016x}.bin", xxhash_rust::xxh3::xxh3_64(rel_path.as_bytes())))
-}
-
 impl GenerateTrainingDataset {
     pub fn run(&self) -> Result<()> {
-        if self.jobs == 0 {
-            bail!("--jobs must be at least 1");
-        }
+        super::check_jobs(self.jobs)?;
         if self.offset != 0.0 && self.objective.objective == ObjectiveKind::Generation {
             bail!("--offset selects an excerpt of each training file, which the generation objective never reads");
         }
@@ -167,7 +123,21 @@ impl GenerateTrainingDataset {
             }
         }
         let total = dataset.examples.len();
-        let shard_info = shard.map(|(index, count)| ShardInfo { index, count, dataset_examples: total });
+        let dataset_hash = {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            for e in &dataset.examples {
+                h.update(e.rel_path.as_bytes());
+                h.update(b"\0");
+            }
+            format!("xxh3:{:016x}", h.digest())
+        };
+        let shard_info = shard.map(|(index, count)| ShardInfo {
+            index,
+            count,
+            dataset_examples: total,
+            dataset: Some(dataset_hash),
+            duration: self.duration,
+        });
         let mine: Vec<TrainingExample> = dataset
             .examples
             .into_iter()
@@ -180,24 +150,25 @@ impl GenerateTrainingDataset {
         let objective = self.objective.build(&self.sampling.options(&model, self.seed)?);
         let objective = objective.as_ref();
         let spec = self.projection.spec(&model, objective)?;
-        let manifest = Manifest {
-            model_fingerprint: model.fingerprint()?,
-            objective: objective.info(),
-            projector: spec.clone(),
-            seed: self.seed,
-            duration: self.duration,
-            offset: self.offset,
-            shard: shard_info,
-        };
+        let settings = Settings::default()
+            .with("model", model.fingerprint()?)?
+            .with("objective", objective.info())?
+            .with("projector", &spec)?
+            .with("seed", self.seed)?
+            .with("duration", self.duration)?
+            .with("offset", self.offset)?
+            .with("shard", &shard_info)?;
         let state_dir = PathBuf::from(format!("{}.state", self.output.display()));
-        self.open_state(&state_dir, &manifest)?;
+        let state = RunState::open(&state_dir, &self.output, &settings, self.resume)?;
 
-        let todo: Vec<&TrainingExample> = mine.iter().filter(|e| !valid_state(&state_dir, e, &spec)).collect();
+        // An example is done only if its state was made from exactly its current inputs.
+        let todo: Vec<&TrainingExample> =
+            mine.iter().filter(|e| self.inputs(e).is_none_or(|i| state.load(&e.rel_path, &i).is_none())).collect();
         let done_before = mine.len() - todo.len();
         if self.resume && done_before > 0 && !self.quiet {
-            eprintln!("resuming: {done_before} of {} examples already done", mine.len());
+            eprintln!("resuming: {done_before} of {} examples already done (changed ones are recomputed)", mine.len());
         }
-        let failures = self.process(&model, objective, &spec, &todo, &state_dir)?;
+        let failures = self.process(&model, objective, &spec, &todo, &state)?;
         if !failures.is_empty() {
             let mut msg = format!(
                 "{} of {} examples failed (the {} finished ones are kept in {}; fix these and rerun with --resume):",
@@ -207,7 +178,7 @@ impl GenerateTrainingDataset {
                 state_dir.display()
             );
             for (p, e) in &failures {
-                msg.push_str(&format!("\n  {p}: {e}"));
+                msg.push_str(&format!("\n  {}", crate::io::printable(&format!("{p}: {e}"))));
             }
             eprintln!("{msg}");
             bail!("{} example(s) failed", failures.len());
@@ -215,38 +186,37 @@ impl GenerateTrainingDataset {
         // Assemble the output in dataset order from the persisted rows.
         let mut rows = Vec::with_capacity(mine.len());
         for e in &mine {
-            let f = EmbeddingFile::read(&state_file(&state_dir, &e.rel_path))?;
+            let f = self
+                .inputs(e)
+                .and_then(|i| state.load(&e.rel_path, &i))
+                .with_context(|| format!("{}: changed while the run was writing; rerun with --resume", e.rel_path))?;
             rows.push((f.header.records[0].clone(), f.data));
         }
         let mut file = single_file(&model, objective, &spec, rows)?;
         file.header.shard = shard_info;
         file.write(&self.output)?;
-        std::fs::remove_dir_all(&state_dir).with_context(|| format!("{}: cannot remove", state_dir.display()))?;
+        state.finish()?;
         if !self.quiet {
             eprintln!("wrote {} ({} examples, k = {})", self.output.display(), mine.len(), spec.k);
         }
         Ok(())
     }
 
-    fn open_state(&self, dir: &Path, manifest: &Manifest) -> Result<()> {
-        let path = dir.join("manifest.json");
-        if dir.exists() {
-            if !self.resume {
-                bail!(
-                    "{}: an interrupted run left its state here; pass --resume to continue it, or delete the folder to start over",
-                    dir.display()
-                );
-            }
-            let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-            let stored: Manifest = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a spintrak state manifest", path.display()))?;
-            manifest.check(&stored, dir)?;
+    /// What an example's embedding depends on: its description file, the description and
+    /// duration read from it, the seed, and (audio-nll) the audio file. `None` when the
+    /// description cannot be read (the example is then attempted and its error reported).
+    fn inputs(&self, ex: &TrainingExample) -> Option<Inputs> {
+        let (prompt, duration) = ex.read_description(self.duration).ok()?;
+        let inputs = Inputs::default()
+            .with_content("description file", &ex.json)
+            .with("description", prompt)
+            .with("duration", duration)
+            .with("seed", self.seed);
+        Some(if self.objective.objective == ObjectiveKind::AudioNll {
+            inputs.with_file("audio", &ex.audio)
         } else {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("{}: cannot create the state folder", dir.display()))?;
-            crate::io::write_atomic(&path, serde_json::to_string_pretty(manifest)?.as_bytes())?;
-        }
-        Ok(())
+            inputs
+        })
     }
 
     /// Embeds `todo` with `--jobs` workers; returns the failures.
@@ -256,7 +226,7 @@ impl GenerateTrainingDataset {
         objective: &dyn Objective,
         spec: &ProjectorSpec,
         todo: &[&TrainingExample],
-        state_dir: &Path,
+        state: &RunState,
     ) -> Result<Vec<(String, String)>> {
         // One bar over the examples, and one per example in progress (its generation or
         // backward steps), so that an ETA shows from the first steps of a long example.
@@ -268,7 +238,7 @@ impl GenerateTrainingDataset {
             |ex| ex.rel_path.clone(),
             |ex| {
                 let steps = bars.add(super::progress_bar(self.quiet, &ex.file_name()));
-                let result = self.embed_one(model, objective, spec, ex, state_dir, &steps);
+                let result = self.embed_one(model, objective, spec, ex, state, &steps);
                 steps.finish_and_clear();
                 bars.remove(&steps);
                 result
@@ -285,9 +255,11 @@ impl GenerateTrainingDataset {
         objective: &dyn Objective,
         spec: &ProjectorSpec,
         ex: &TrainingExample,
-        state_dir: &Path,
+        state: &RunState,
         progress: &indicatif::ProgressBar,
     ) -> Result<()> {
+        // Taken before the work, so that a file edited meanwhile is recomputed next time.
+        let inputs = self.inputs(ex);
         let (prompt, duration) = ex.read_description(self.duration)?;
         // audio-nll reads the example's own audio; generation only its description.
         let audio = (self.objective.objective == ObjectiveKind::AudioNll).then(|| AudioInput {
@@ -295,6 +267,11 @@ impl GenerateTrainingDataset {
             offset: self.offset,
             duration: Some(duration),
         });
+        if audio.is_none() {
+            // Never read by the generation objective, but a dataset entry that is not audio
+            // is a mistake the user wants to hear about.
+            crate::audio::probe_audio(&ex.audio).with_context(|| format!("{}: not usable audio", ex.rel_path))?;
+        }
         let seed = if audio.is_some() { 0 } else { self.seed };
         let example =
             Example { name: ex.file_name(), prompt, duration, seed, source: Some(ex.rel_path.clone()), audio };
@@ -305,17 +282,8 @@ impl GenerateTrainingDataset {
             }
         }
         let file = single_file(model, objective, spec, vec![(example.record(prepared.duration), embedding)])?;
-        file.write(&state_file(state_dir, &ex.rel_path))
-    }
-}
-
-/// Whether a finished, readable row for `ex` is in the state folder.
-fn valid_state(dir: &Path, ex: &TrainingExample, spec: &ProjectorSpec) -> bool {
-    match EmbeddingFile::read(&state_file(dir, &ex.rel_path)) {
-        Ok(f) => {
-            f.rows() == 1 && f.header.projector == *spec && f.header.records[0].source.as_deref() == Some(&ex.rel_path)
-        }
-        Err(_) => false,
+        let inputs = inputs.with_context(|| format!("{}: its description became unreadable", ex.rel_path))?;
+        state.save(&ex.rel_path, &inputs, &file)
     }
 }
 

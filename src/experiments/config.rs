@@ -46,6 +46,9 @@ pub struct Case {
     pub seed: u64,
 }
 
+/// Most cases one config may describe (each is a generated track and its embedding).
+pub const MAX_CASES: usize = 100_000;
+
 impl ExperimentConfig {
     pub fn read(path: &Path) -> Result<(Self, String)> {
         let text =
@@ -84,6 +87,14 @@ impl ExperimentConfig {
         }
         if let Some(d) = i.durations.iter().find(|d| d.is_nan() || **d <= 0.0) {
             bail!("input.durations must be positive seconds, found {d}");
+        }
+        let max = crate::musicgen::model::MAX_SECONDS;
+        if let Some(d) = i.durations.iter().find(|d| **d > max) {
+            bail!("input.durations: {d} s is longer than the {max} s limit (at 50 frames/s, {:.0} decoding steps per case)", d * 50.0);
+        }
+        let cases = i.prompts.len().saturating_mul(i.seeds.len()).saturating_mul(i.durations.len());
+        if cases > MAX_CASES {
+            bail!("the grid has {cases} cases (prompts × seeds × durations); at most {MAX_CASES} per config: split it");
         }
         Ok(())
     }

@@ -55,6 +55,7 @@ fn register_fonts() {
 }
 
 fn truncate(s: &str, n: usize) -> String {
+    let s = crate::io::printable(s);
     if s.chars().count() <= n {
         s.to_string()
     } else {
@@ -132,7 +133,7 @@ where
     let labels: Vec<String> = plot.rows.iter().map(|r| truncate(r, 42)).collect();
     let label_px = labels.iter().map(|l| l.chars().count()).max().unwrap_or(4) as u32 * 8 + 30;
     let mut chart = ChartBuilder::on(&main)
-        .caption(&plot.title, ("sans-serif", 24))
+        .caption(crate::io::printable(&plot.title), ("sans-serif", 24))
         .margin(18)
         .x_label_area_size(56)
         .y_label_area_size(label_px.min(460))
@@ -189,7 +190,7 @@ where
     y += 24;
     for (i, name) in plot.markers.iter().enumerate() {
         draw_marker(&legend, i, (20, y), BLACK.mix(0.8).filled())?;
-        text(name, 34, y, false).map_err(err)?;
+        text(&truncate(name, 28), 34, y, false).map_err(err)?;
         y += 22;
     }
     root.present().map_err(err)?;

@@ -64,6 +64,26 @@ impl Labels {
         }
         Path::new(&r.name).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| r.name.clone())
     }
+
+    /// The labels of `records`, made distinct: two rows given the same label (or the same
+    /// file stem) keep their own columns, told apart by their source.
+    pub fn unique(&self, records: &[Record]) -> Vec<String> {
+        let mut labels: Vec<String> = records.iter().map(|r| self.of(r)).collect();
+        let count = |labels: &[String], l: &str| labels.iter().filter(|x| x.as_str() == l).count();
+        let first: Vec<String> = labels.clone();
+        for (i, r) in records.iter().enumerate() {
+            if count(&first, &first[i]) > 1 {
+                labels[i] = format!("{} ({})", first[i], r.source.as_deref().unwrap_or(&r.name));
+            }
+        }
+        let second = labels.clone();
+        for (i, l) in labels.iter_mut().enumerate() {
+            if count(&second, &second[i]) > 1 {
+                *l = format!("{} #{}", second[i], i + 1);
+            }
+        }
+        labels
+    }
 }
 
 /// Reads an embedding file; a `.pt` path (as the seed document writes the aggregate)
@@ -285,6 +305,7 @@ pub fn score_queries(ensemble: &Ensemble, rows: &[usize], lambda: f64, labels: &
     let n = records.len();
     let s = ensemble.scores(rows, lambda)?;
     let names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
+    let unique = labels.unique(records);
     Ok(rows
         .iter()
         .enumerate()
@@ -309,7 +330,7 @@ pub fn score_queries(ensemble: &Ensemble, rows: &[usize], lambda: f64, labels: &
                         let inf = inf.expect("every training row ranked");
                         TrainingScore {
                             training: records[i].name.clone(),
-                            label: labels.of(&records[i]),
+                            label: unique[i].clone(),
                             score: inf.score,
                             percentage: inf.percentage,
                             direction: inf.direction,

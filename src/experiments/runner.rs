@@ -13,6 +13,7 @@ use crate::attribution::{embed, Example, Objective, ProjectorSpec};
 use crate::audio::write_generated;
 use crate::musicgen::MusicGen;
 use crate::store::embedding_file::single_file;
+use crate::store::run_state::{RunLock, Settings};
 use crate::store::EmbeddingFile;
 
 /// The file names of a run.
@@ -74,6 +75,25 @@ pub fn prepare_dir(cfg: &ExperimentConfig, text: &str, parent: &Path, resume_fro
         }
     };
     Ok(layout)
+}
+
+/// Locks the run's folder against a second runner and records (or, resuming, checks) the
+/// settings every case shares: a resume with other sampling flags, projector or model is
+/// refused naming the setting, instead of mixing settings in the aggregate file.
+pub fn open_run(
+    layout: &RunLayout,
+    objective: &dyn Objective,
+    spec: &ProjectorSpec,
+    fingerprint: &str,
+) -> Result<RunLock> {
+    let lock = RunLock::acquire(&layout.dir, &layout.dir)?;
+    Settings::default()
+        .with("model", fingerprint)?
+        .with("objective", objective.info())?
+        .with("generated_with", objective.generated_with())?
+        .with("projector", spec)?
+        .write_or_check(&layout.dir.join(format!("run_{}.json", layout.name)))?;
+    Ok(lock)
 }
 
 /// Whether `case` is finished in `layout` with these settings.

@@ -58,13 +58,34 @@ fn pickle_root(path: &Path, zip: &mut Zip) -> Result<(Object, String)> {
         .ok_or_else(|| anyhow!("{}: no data.pkl inside; not a PyTorch checkpoint", path.display()))?;
     let dir = pkl.trim_end_matches(".pkl").to_string();
     let reader = zip.by_name(pkl).with_context(|| format!("{}: cannot read {pkl}", path.display()))?;
-    let mut reader = BufReader::new(reader);
+    if reader.size() > MAX_PICKLE_BYTES {
+        bail!(
+            "{}: its pickle ({pkl}) is {} bytes; a checkpoint's is at most a few MB (over {MAX_PICKLE_BYTES} bytes is refused)",
+            path.display(),
+            reader.size()
+        );
+    }
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_PICKLE_BYTES)
+        .read_to_end(&mut bytes)
+        .map_err(|e| anyhow!("{}: the pickle cannot be read ({e})", path.display()))?;
+    let root = parse_pickle(&bytes).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
+    Ok((root, dir))
+}
+
+/// The largest `data.pkl` read (a 3.5 B-parameter state dict's is well under 1 MB).
+const MAX_PICKLE_BYTES: u64 = 256 << 20;
+
+/// Parses a pickle stream as data, after [`super::pickle_scan::check`] has bounded its
+/// depth, size and length fields.
+pub fn parse_pickle(bytes: &[u8]) -> Result<Object> {
+    super::pickle_scan::check(bytes).map_err(|e| anyhow!("the pickle is not a checkpoint: {e:#}"))?;
     let mut stack = Stack::empty();
     stack
-        .read_loop(&mut reader)
-        .map_err(|e| anyhow!("{}: the pickle is corrupt or truncated ({e})", path.display()))?;
-    let root = stack.finalize().map_err(|e| anyhow!("{}: the pickle is incomplete ({e})", path.display()))?;
-    Ok((root, dir))
+        .read_loop(&mut std::io::Cursor::new(bytes))
+        .map_err(|e| anyhow!("the pickle is corrupt or truncated ({e})"))?;
+    stack.finalize().map_err(|e| anyhow!("the pickle is incomplete ({e})"))
 }
 
 /// The root object of a PyTorch zip pickle (`data.pkl`), as data.

@@ -466,6 +466,21 @@ fn parse_xp_cfg(path: &Path, text: &str) -> Result<Yaml> {
     serde_yaml::from_str(text).with_context(|| format!("{}: `xp.cfg` is not valid YAML", path.display()))
 }
 
+/// Everything the loader reads from an audiocraft `xp.cfg` (LM or codec), without weights:
+/// the settings it would run with, or the error it would stop with.
+pub fn read_xp_cfg(text: &str) -> Result<String> {
+    let xp = parse_xp_cfg(Path::new("xp.cfg"), text)?;
+    let mut out = String::new();
+    if xp.get("transformer_lm").is_some() {
+        let (lm, channels) = lm_config_from_xp(&xp, 768)?;
+        out += &format!("{lm:?} channels={channels} {:?}", generation_from_xp(&xp)?);
+    }
+    if xp.get("seanet").is_some() {
+        out += &format!("{:?}", codec_config_from_xp(&xp)?);
+    }
+    Ok(out)
+}
+
 /// A list of condition names at `path` (absent or null: empty); anything else is an error.
 fn yaml_names(xp: &Yaml, path: &str) -> Result<Vec<String>> {
     match yaml_get(xp, path) {

@@ -14,6 +14,7 @@ pub mod model;
 pub mod ops;
 pub mod params;
 pub mod pattern;
+pub mod pickle_scan;
 pub mod sampling;
 pub mod t5;
 pub mod tiny;

@@ -11,29 +11,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::attribution::projector::ProjectorSpec;
+pub use crate::attribution::record::{ObjectiveInfo, Record};
 use crate::attribution::{gradient_dim, Objective};
 use crate::musicgen::MusicGen;
 
 pub const FORMAT_VERSION: u32 = 1;
 const METADATA_KEY: &str = "spintrak";
 const TENSOR: &str = "embeddings";
-
-/// One embedded example.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    /// Display name (the training audio's file name, or the experiment case).
-    pub name: String,
-    pub prompt: String,
-    /// Seconds.
-    pub duration: f64,
-    pub seed: u64,
-    /// Where the example came from (relative path of a training file), if anywhere.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<String>,
-    /// Seconds into the audio file where the scored excerpt starts (audio examples only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offset: Option<f64>,
-}
 
 /// The model an embedding was computed with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,13 +29,6 @@ pub struct ModelInfo {
     /// Parameters of the gradient: codec decoder, then LM.
     pub decoder_parameters: usize,
     pub lm_parameters: usize,
-}
-
-/// The objective whose gradient was embedded, with every setting it depends on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ObjectiveInfo {
-    pub name: String,
-    pub settings: serde_json::Value,
 }
 
 /// The header of an embedding file.
@@ -71,12 +48,19 @@ pub struct Header {
 }
 
 /// Which part of a dataset a shard file holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardInfo {
     pub index: usize,
     pub count: usize,
     /// Examples in the whole dataset (all shards together).
     pub dataset_examples: usize,
+    /// A hash of every example's relative path: shards of different datasets never merge.
+    #[serde(default)]
+    pub dataset: Option<String>,
+    /// The run's `--duration` (`None`: each example's own): shards of runs with different
+    /// durations never merge.
+    #[serde(default)]
+    pub duration: Option<f64>,
 }
 
 impl Header {
@@ -178,6 +162,11 @@ impl EmbeddingFile {
         let k = self.k();
         if self.data.len() != n * k {
             bail!("{} numbers for {n} rows of {k}", self.data.len());
+        }
+        // A NaN or infinity would poison every score computed from the file.
+        if let Some(i) = self.data.iter().position(|x| !x.is_finite()) {
+            let r = &self.header.records[i / k.max(1)];
+            bail!("the embedding of `{}` holds a non-finite value ({}); nothing was written", r.name, self.data[i]);
         }
         let bytes: Vec<u8> = self.data.iter().flat_map(|x| x.to_le_bytes()).collect();
         let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, k], &bytes)?;

@@ -1,5 +1,6 @@
 //! What spintrak writes to disk.
 
 pub mod embedding_file;
+pub mod run_state;
 
 pub use embedding_file::{EmbeddingFile, Header, Record};
