@@ -273,6 +273,20 @@ fn sizes_are_bounded_and_messages_name_the_cause() {
     );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("a.json") && stderr(&o).contains("limit"), "{}", stderr(&o));
+    // --jobs far beyond the machine's CPUs.
+    let o = spintrak(
+        &[
+            "generate-training-dataset-parallel",
+            "--input",
+            data.to_str().unwrap(),
+            "--output",
+            d.join("t.bin").to_str().unwrap(),
+            "--jobs",
+            "100000",
+        ],
+        &[],
+    );
+    assert_clean_error(&o, &["--jobs 100000", "CPU"]);
     // A directory given as an embedding file; λ = inf.
     let o = spintrak(&["score", d.to_str().unwrap(), d.to_str().unwrap()], &[]);
     assert_clean_error(&o, &["is a directory"]);

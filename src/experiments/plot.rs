@@ -309,3 +309,13 @@ pub fn render_scatter(
     img.write_to(&mut bytes, image::ImageFormat::Png).context("PNG encoding")?;
     crate::io::write_atomic(png, &bytes.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn labels_in_figures_show_control_characters_escaped() {
+        let t = super::truncate("rock\u{1b}[31m\u{7}", 42);
+        assert!(!t.chars().any(char::is_control), "{t:?}");
+        assert_eq!(t, "rock\\u{1b}[31m\\u{7}");
+    }
+}

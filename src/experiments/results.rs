@@ -567,3 +567,34 @@ pub fn experiment_results(
     render(&plot, &svg, &png)?;
     Ok(ExperimentResults { scores: all, tables, files: ResultFiles { csv, json, svg, png } })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, source: &str) -> Record {
+        Record {
+            name: name.into(),
+            prompt: String::new(),
+            duration: 1.0,
+            seed: 0,
+            source: Some(source.into()),
+            offset: None,
+        }
+    }
+
+    #[test]
+    fn two_rows_with_one_label_keep_their_own_columns() {
+        let labels = Labels::parse(&["a/rock.wav=Rock".into(), "b/rock.wav=Rock".into()]).unwrap();
+        let records =
+            [record("rock.wav", "a/rock.wav"), record("rock.wav", "b/rock.wav"), record("salsa.wav", "salsa.wav")];
+        // By name both would be "Rock"; by source each gets its label, then told apart.
+        let labels = Labels(labels.0.into_iter().filter(|(k, _)| k.contains('/')).collect());
+        let got = labels.unique(&records);
+        assert_eq!(got, vec!["Rock (a/rock.wav)", "Rock (b/rock.wav)", "salsa"]);
+        // Same name, same source: numbered.
+        let same = [record("x.wav", "x.wav"), record("x.wav", "x.wav")];
+        let got = Labels::default().unique(&same);
+        assert_ne!(got[0], got[1]);
+    }
+}
