@@ -182,3 +182,37 @@ fn hostile_pickles_are_refused_not_crashed_on() {
     zip_checkpoint(&path, b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01K\x01s.");
     read_pickle_root(&path).unwrap();
 }
+
+#[test]
+fn a_pickled_tensor_relabelled_to_another_dtype_is_refused_naming_it() {
+    use spintrak::musicgen::checkpoint::read_pickle_tensors;
+    use std::io::Read;
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/storage_views/views.pt");
+    // The control: the fixture reads.
+    read_pickle_tensors(&src, Some("best_state")).unwrap();
+    // Same archive, with the storages' class changed from FloatStorage to HalfStorage.
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(&src).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("relabelled.pt");
+    let mut out = zip::ZipWriter::new(std::fs::File::create(&dst).unwrap());
+    let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let mut changed = false;
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).unwrap();
+        let name = entry.name().unwrap().to_string();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        if name.ends_with("data.pkl") {
+            let text = bytes.clone();
+            let at = text.windows(12).position(|w| w == b"FloatStorage").expect("a FloatStorage global");
+            bytes = [&text[..at], b"HalfStorage".as_slice(), &text[at + 12..]].concat();
+            changed = true;
+        }
+        out.start_file(name, stored).unwrap();
+        std::io::Write::write_all(&mut out, &bytes).unwrap();
+    }
+    out.finish().unwrap();
+    assert!(changed);
+    let e = format!("{:#}", read_pickle_tensors(&dst, Some("best_state")).unwrap_err());
+    assert!(e.contains("relabelled.pt") && e.contains("dtype was changed"), "{e}");
+}

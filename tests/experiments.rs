@@ -114,6 +114,13 @@ fn experiment_3_end_to_end_with_resume() {
     let again = runner(d, &cfg, &["--resume-from", run_dir.to_str().unwrap()]);
     assert_eq!(again, agg);
     assert_eq!(std::fs::read(&agg).unwrap(), before);
+    // Resuming with other sampling settings is refused, naming the setting, instead of
+    // mixing settings in the aggregate file.
+    let mut args = vec!["--config", cfg.to_str().unwrap(), "--quiet", "--proj-dim", "512"];
+    args.extend(["--resume-from", run_dir.to_str().unwrap(), "--top-k", "5"]);
+    let e = err(&run_in(d, "experiment_runner", &args));
+    assert!(e.contains("generated_with") && e.contains("run_experiment_3.json"), "{e}");
+    assert_eq!(std::fs::read(&agg).unwrap(), before);
     // Results, through the seed's command name and its `.pt` aggregate name.
     let pt = agg.with_extension("pt");
     let out = ok(&run_in(
