@@ -41,11 +41,13 @@ pub struct LoadOptions {
 /// What a command does with a model, for the memory estimate made before loading.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Purpose {
-    /// Generation, the loss: the weights, plus at most 15% (measured by `spintrak bench`).
+    /// Generation, the loss: the weights plus 5%, plus one window's key/value cache
+    /// (measured by `spintrak bench --only stereo-large`: 1.005× at 2 s, 1.164× at 30 s).
     #[default]
     Inference,
     /// Gradient embeddings: gradients are projected as they are made, never whole, so
-    /// the weights plus at most 30% (measured by `spintrak bench`), codec encoder included.
+    /// the weights plus 5%, plus one window's worth of activations (the size of its
+    /// key/value cache), codec encoder included (measured: 1.05× at 2 s, 1.20× at 30 s).
     Gradients,
     /// Fine-tuning: the weights, their gradients and AdamW's two moments, plus activations.
     Training,
@@ -54,8 +56,7 @@ pub enum Purpose {
 impl Purpose {
     fn factor(self) -> f64 {
         match self {
-            Purpose::Inference => 1.15,
-            Purpose::Gradients => 1.3,
+            Purpose::Inference | Purpose::Gradients => 1.05,
             Purpose::Training => 4.3,
         }
     }
@@ -72,12 +73,26 @@ impl Purpose {
 /// Refuses, before any weight is read, a model whose estimated footprint exceeds the
 /// memory available (unless `--force`): swapping a 14 GB model would take hours, and an
 /// out-of-memory kill loses the run without a word.
-fn check_memory(origin: &str, parts: &[&HashMap<String, StoredTensor>], opts: &LoadOptions) -> Result<()> {
-    check_memory_against(origin, parts, opts, crate::memory::available())
+fn check_memory(
+    origin: &str,
+    cfg: &MusicgenConfig,
+    parts: &[&HashMap<String, StoredTensor>],
+    opts: &LoadOptions,
+) -> Result<()> {
+    check_memory_against(origin, window_cache_bytes(cfg), parts, opts, crate::memory::available())
+}
+
+/// The key/value cache of one full window of guided generation: every layer keeps K and V
+/// (dim numbers each) per frame, for the conditional and the unconditional pass. Windows
+/// are decoded one after another, so one window is the most it holds.
+fn window_cache_bytes(cfg: &MusicgenConfig) -> u64 {
+    let frames = (cfg.generation.window_seconds * cfg.frame_rate()).ceil() as u64 + cfg.lm.max_delay() as u64;
+    (cfg.lm.num_layers as u64) * 2 * 2 * frames * cfg.lm.dim as u64 * 4
 }
 
 fn check_memory_against(
     origin: &str,
+    window_bytes: u64,
     parts: &[&HashMap<String, StoredTensor>],
     opts: &LoadOptions,
     available: Option<u64>,
@@ -94,15 +109,17 @@ fn check_memory_against(
             weights += 4 * t.elem_count().unwrap_or(0) as u64;
         }
     }
-    let need = (weights as f64 * opts.purpose.factor()) as u64;
+    let extra = if opts.purpose == Purpose::Training { 0 } else { window_bytes };
+    let need = (weights as f64 * opts.purpose.factor()) as u64 + extra;
     if let Some(available) = available {
         if need > available && !opts.force {
             bail!(
-                "{origin}: {} needs about {} of memory ({} of weights in f32 × {}), but this machine has {} available; free memory, use a machine with more, or pass --force to try anyway",
+                "{origin}: {} needs about {} of memory ({} of weights in f32 × {} + {} for one window's cache), but this machine has {} available; free memory, use a machine with more, or pass --force to try anyway",
                 opts.purpose.what(),
                 crate::memory::gb(need),
                 crate::memory::gb(weights),
                 opts.purpose.factor(),
+                crate::memory::gb(extra),
                 crate::memory::gb(available)
             );
         }
@@ -384,7 +401,7 @@ pub fn from_transformers_tensors(
         (strip_prefix_map(&all, "text_encoder."), format!("{origin} (text_encoder)"), tok)
     };
     drop(all);
-    check_memory(&origin, &[&lm, &codec, &t5], opts)?;
+    check_memory(&origin, &cfg, &[&lm, &codec, &t5], opts)?;
     let t5_store = ParamStore::stored(t5, t5_origin, device);
     MusicGen::new(
         cfg,
@@ -771,8 +788,6 @@ fn load_audiocraft(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Mu
     let t5_name = yaml_str(&xp, "conditioners.description.t5.name")?.unwrap_or("t5-base");
     let t5_dir = resolve_pretrained("T5 text encoder", t5_name, opts.t5.as_deref(), "--t5")?;
     let (t5_cfg, t5, tokenizer) = load_t5_dir(&t5_dir)?;
-    check_memory(&dir.display().to_string(), &[&lm_tensors, &codec, &t5], opts)?;
-    let t5_store = ParamStore::stored(t5, t5_dir.display().to_string(), device);
     let cfg = MusicgenConfig {
         lm: lm_cfg,
         codec: codec_cfg,
@@ -781,6 +796,8 @@ fn load_audiocraft(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Mu
         audio_channels: channels,
     };
     cfg.validate().with_context(|| format!("{}: the LM, codec and T5 do not fit together", dir.display()))?;
+    check_memory(&dir.display().to_string(), &cfg, &[&lm_tensors, &codec, &t5], opts)?;
+    let t5_store = ParamStore::stored(t5, t5_dir.display().to_string(), device);
     MusicGen::new(
         cfg,
         tokenizer,
@@ -834,19 +851,21 @@ mod tests {
         let lm: HashMap<String, StoredTensor> = [("emb.0.weight".to_string(), t(1 << 20))].into();
         let codec: HashMap<String, StoredTensor> = [("encoder.layers.0.conv.weight".to_string(), t(1 << 18))].into();
         let opts = |purpose, force| LoadOptions { purpose, force, ..Default::default() };
-        let check = |o: &LoadOptions, avail: u64| check_memory_against("m", &[&lm, &codec], o, Some(avail));
-        // Generation: 4 MB × 1.15 (the encoder is not loaded).
-        assert!(check(&opts(Purpose::Inference, false), 4_900_000).is_ok());
-        let e = format!("{:#}", check(&opts(Purpose::Inference, false), 4_700_000).unwrap_err());
-        assert!(e.contains("4.8") || e.contains("--force"), "{e}");
+        // One window's cache: 1 MB.
+        let check = |o: &LoadOptions, avail: u64| check_memory_against("m", 1 << 20, &[&lm, &codec], o, Some(avail));
+        // Generation: 4 MB × 1.05 + 1 MB = 5.45 MB (the encoder is not loaded).
+        assert!(check(&opts(Purpose::Inference, false), 5_500_000).is_ok());
+        let e = format!("{:#}", check(&opts(Purpose::Inference, false), 5_300_000).unwrap_err());
         assert!(e.contains("generation") && e.contains("available") && e.contains("--force"), "{e}");
-        // Gradients need the encoder and 1.3×: 5 MB × 1.3 = 6.8 MB.
-        assert!(check(&opts(Purpose::Gradients, false), 6_000_000).is_err());
-        assert!(check(&opts(Purpose::Gradients, false), 7_000_000).is_ok());
-        assert!(check(&opts(Purpose::Training, false), 7_000_000).is_err());
+        // Gradients need the encoder too: 5.24 MB × 1.05 + 1 MB = 6.55 MB.
+        assert!(check(&opts(Purpose::Gradients, false), 6_400_000).is_err());
+        assert!(check(&opts(Purpose::Gradients, false), 6_700_000).is_ok());
+        // Fine-tuning: × 4.3.
+        assert!(check(&opts(Purpose::Training, false), 20_000_000).is_err());
+        assert!(check(&opts(Purpose::Training, false), 23_000_000).is_ok());
         // --force loads anyway; an unknown amount of memory is not a reason to refuse.
         assert!(check(&opts(Purpose::Training, true), 1).is_ok());
-        assert!(check_memory_against("m", &[&lm], &opts(Purpose::Training, false), None).is_ok());
+        assert!(check_memory_against("m", 0, &[&lm], &opts(Purpose::Training, false), None).is_ok());
     }
 
     fn xp(text: &str) -> Yaml {
