@@ -260,32 +260,18 @@ fn sizes_are_bounded_and_messages_name_the_cause() {
     std::fs::create_dir_all(&data).unwrap();
     spintrak::audio::write_wav(&data.join("a.wav"), &[vec![0.1; 800]], 8000).unwrap();
     std::fs::write(data.join("a.json"), r#"{"description": "x", "duration": 1e308}"#).unwrap();
-    let o = spintrak(
-        &[
-            "generate-training-dataset-parallel",
-            "--input",
-            data.to_str().unwrap(),
-            "--output",
-            d.join("t.bin").to_str().unwrap(),
-            "--quiet",
-        ],
-        &[],
-    );
+    let walk = |extra: &[&str]| {
+        let out = d.join("t.bin");
+        let mut args = vec!["generate-training-dataset-parallel", "--input", data.to_str().unwrap()];
+        args.extend(["--output", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        spintrak(&args, &[])
+    };
+    let o = walk(&["--quiet"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("a.json") && stderr(&o).contains("limit"), "{}", stderr(&o));
     // --jobs far beyond the machine's CPUs.
-    let o = spintrak(
-        &[
-            "generate-training-dataset-parallel",
-            "--input",
-            data.to_str().unwrap(),
-            "--output",
-            d.join("t.bin").to_str().unwrap(),
-            "--jobs",
-            "100000",
-        ],
-        &[],
-    );
+    let o = walk(&["--jobs", "100000"]);
     assert_clean_error(&o, &["--jobs 100000", "CPU"]);
     // A directory given as an embedding file; λ = inf.
     let o = spintrak(&["score", d.to_str().unwrap(), d.to_str().unwrap()], &[]);

@@ -345,7 +345,6 @@ impl Bench {
 /// One measurement of `bench --only stereo-large`, in a process of its own: loads the
 /// model in `dir` as the commands do, then generates or embeds. Returns a JSON line.
 fn worker(task: &str, dir: &std::path::Path, seconds: f64, grad_seconds: f64) -> Result<String> {
-    use crate::attribution::objective::{encode_audio, prepared_from_codes};
     use crate::attribution::{AudioNllObjective, Objective};
     use crate::musicgen::{LoadOptions, Purpose};
     let purpose = if task == "load" || task == "generate" { Purpose::Inference } else { Purpose::Gradients };
@@ -384,15 +383,7 @@ fn worker(task: &str, dir: &std::path::Path, seconds: f64, grad_seconds: f64) ->
             let spec = ProjectorSpec::new(ProjectorKind::Sparse, 42, Some(8192), dec + lm, 8)?;
             let start = Instant::now();
             let prepared = if task == "audio-nll" {
-                let sr = model.cfg.sample_rate() as u32;
-                let song = crate::demo::song(
-                    crate::demo::Style::Salsa,
-                    &crate::demo::Variant::nth(1),
-                    sr,
-                    grad_seconds as f32,
-                );
-                let codes = encode_audio(&model, &vec![song; model.cfg.audio_channels])?;
-                prepared_from_codes(&model, codes, model.encode_text("lively salsa groove")?)?
+                song_prepared(&model, grad_seconds)?.0
             } else {
                 let example = Example::generated("bench", "lively salsa groove", grad_seconds, 1);
                 objective.prepare(&model, &example, None)?
@@ -432,18 +423,8 @@ fn bench_gradients(model: &MusicGen, seconds: f64) -> Result<serde_json::Value> 
         let nll = crate::attribution::AudioNllObjective::default();
         let (_, lm_d) = gradient_dim(model, &nll);
         let spec = ProjectorSpec::new(ProjectorKind::Sparse, 42, Some(8192.min(lm_d / 8 * 8)), lm_d, 8)?;
-        let sr = model.cfg.sample_rate() as u32;
-        let audio = crate::demo::song(crate::demo::Style::Salsa, &crate::demo::Variant::nth(1), sr, seconds as f32);
-        let channels = vec![audio; model.cfg.audio_channels];
         reset_peak_rss();
-        let start = Instant::now();
-        let codes = crate::attribution::objective::encode_audio(model, &channels)?;
-        let encode = start.elapsed().as_secs_f64();
-        let prepared = crate::attribution::objective::prepared_from_codes(
-            model,
-            codes,
-            model.encode_text("lively salsa groove")?,
-        )?;
+        let (prepared, encode) = song_prepared(model, seconds)?;
         let (_, _, t) = crate::attribution::gradient::embed_prepared(model, &nll, &spec, prepared, None)?;
         serde_json::json!({"gradient_numbers": lm_d, "seconds": {"encode": encode, "backward": t.backward, "project": t.project,
             "total": encode + t.backward + t.project}, "peak_rss_bytes": peak_rss().unwrap_or(0)})
@@ -458,6 +439,18 @@ fn bench_gradients(model: &MusicGen, seconds: f64) -> Result<serde_json::Value> 
         "parameters_plus_gradients_bytes": 2 * param_bytes,
         "peak_over_parameters_plus_gradients": peak as f64 / (2 * param_bytes) as f64,
     }))
+}
+
+/// `seconds` of a synthesised salsa song, encoded by the model's codec and ready for the
+/// audio-nll backward; with the encoding's seconds.
+fn song_prepared(model: &MusicGen, seconds: f64) -> Result<(crate::attribution::Prepared, f64)> {
+    use crate::attribution::objective::{encode_audio, prepared_from_codes};
+    let sr = model.cfg.sample_rate() as u32;
+    let song = crate::demo::song(crate::demo::Style::Salsa, &crate::demo::Variant::nth(1), sr, seconds as f32);
+    let start = Instant::now();
+    let codes = encode_audio(model, &vec![song; model.cfg.audio_channels])?;
+    let encode = start.elapsed().as_secs_f64();
+    Ok((prepared_from_codes(model, codes, model.encode_text("lively salsa groove")?)?, encode))
 }
 
 fn print_gradients(grads: &serde_json::Map<String, serde_json::Value>) {

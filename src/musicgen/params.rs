@@ -170,11 +170,11 @@ impl ParamStore {
         let mut inner = self.lock();
         if let Some(&i) = inner.index.get(name) {
             let t = inner.params[i].1.as_tensor();
-            check_shape(&self.origin, name, t, shape)?;
+            check_shape(&self.origin, name, t.dims(), shape)?;
             return Ok(if detach { t.detach() } else { t.clone() });
         }
         if let Some(t) = inner.buffers.get(name) {
-            check_shape(&self.origin, name, t, shape)?;
+            check_shape(&self.origin, name, t.dims(), shape)?;
             return Ok(t.clone());
         }
         let stored = match (inner.unclaimed.remove(name), &self.init) {
@@ -189,9 +189,7 @@ impl ParamStore {
             );
         };
         let dims = stored.dims().map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e:#}", self.origin))?;
-        if dims != shape {
-            bail!("{}: tensor `{name}` has shape {dims:?}, the config expects {shape:?}", self.origin);
-        }
+        check_shape(&self.origin, name, &dims, shape)?;
         let on_cpu_f32 = self.device.is_cpu() && self.dtype == DType::F32;
         let value = match stored {
             StoredTensor::Memory(t) => Stored::Tensor(t),
@@ -240,9 +238,9 @@ enum Stored {
     Tensor(Tensor),
 }
 
-fn check_shape(origin: &str, name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
-    if t.dims() != shape {
-        bail!("{origin}: tensor `{name}` has shape {:?}, the config expects {shape:?}", t.dims());
+fn check_shape(origin: &str, name: &str, dims: &[usize], shape: &[usize]) -> Result<()> {
+    if dims != shape {
+        bail!("{origin}: tensor `{name}` has shape {dims:?}, the config expects {shape:?}");
     }
     Ok(())
 }

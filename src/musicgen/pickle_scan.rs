@@ -140,55 +140,49 @@ impl Scan<'_> {
         }
     }
 
-    /// Pops `n` objects and pushes one holding them.
-    fn combine(&mut self, n: usize) -> Result<()> {
-        let (mut depth, mut nodes) = (0u32, 1u64);
+    /// Pops `n` objects: their greatest depth and total node count (`None` if the stack
+    /// runs out, which the reader refuses itself).
+    fn pop_n(&mut self, n: usize) -> Option<(u32, u64)> {
+        let (mut depth, mut nodes) = (0u32, 0u64);
         for _ in 0..n {
-            let Some((d, c)) = self.pop_obj() else { return Ok(()) };
+            let (d, c) = self.pop_obj()?;
             depth = depth.max(d);
             nodes = nodes.saturating_add(c);
         }
-        self.push(Slot::Obj { depth: depth + 1, nodes })
+        Some((depth, nodes))
+    }
+
+    /// Pops everything down to the last mark: greatest depth and total node count.
+    fn pop_to_mark(&mut self) -> (u32, u64) {
+        let (mut depth, mut nodes) = (0u32, 0u64);
+        while let Some(Slot::Obj { depth: d, nodes: c }) = self.stack.pop() {
+            depth = depth.max(d);
+            nodes = nodes.saturating_add(c);
+        }
+        (depth, nodes)
+    }
+
+    /// Pops `n` objects and pushes one holding them.
+    fn combine(&mut self, n: usize) -> Result<()> {
+        let Some((depth, nodes)) = self.pop_n(n) else { return Ok(()) };
+        self.push(Slot::Obj { depth: depth + 1, nodes: nodes.saturating_add(1) })
     }
 
     /// Pops everything down to the last mark and pushes one object holding it.
     fn collect_to_mark(&mut self) -> Result<()> {
-        let (mut depth, mut nodes) = (0u32, 1u64);
-        while let Some(slot) = self.stack.pop() {
-            match slot {
-                Slot::Mark => break,
-                Slot::Obj { depth: d, nodes: c } => {
-                    depth = depth.max(d);
-                    nodes = nodes.saturating_add(c);
-                }
-            }
-        }
-        self.push(Slot::Obj { depth: depth + 1, nodes })
+        let (depth, nodes) = self.pop_to_mark();
+        self.push(Slot::Obj { depth: depth + 1, nodes: nodes.saturating_add(1) })
     }
 
     /// Pops `n` objects into the object below them (APPEND, BUILD, SETITEM).
     fn add_into(&mut self, n: usize) -> Result<()> {
-        let (mut depth, mut nodes) = (0u32, 0u64);
-        for _ in 0..n {
-            let Some((d, c)) = self.pop_obj() else { return Ok(()) };
-            depth = depth.max(d);
-            nodes = nodes.saturating_add(c);
-        }
+        let Some((depth, nodes)) = self.pop_n(n) else { return Ok(()) };
         self.grow_top(depth, nodes)
     }
 
     /// Pops everything down to the last mark into the object below it (APPENDS, SETITEMS).
     fn add_from_mark(&mut self) -> Result<()> {
-        let (mut depth, mut nodes) = (0u32, 0u64);
-        while let Some(slot) = self.stack.pop() {
-            match slot {
-                Slot::Mark => break,
-                Slot::Obj { depth: d, nodes: c } => {
-                    depth = depth.max(d);
-                    nodes = nodes.saturating_add(c);
-                }
-            }
-        }
+        let (depth, nodes) = self.pop_to_mark();
         self.grow_top(depth, nodes)
     }
 
