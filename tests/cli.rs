@@ -300,3 +300,27 @@ fn sizes_are_bounded_and_messages_name_the_cause() {
     );
     assert_clean_error(&o, &["--weight-decay"]);
 }
+
+#[test]
+fn control_characters_from_input_are_shown_not_obeyed() {
+    // A prompt carrying a terminal escape (clear screen) and a bell: `score` prints it
+    // escaped. The control: the same run with a plain prompt prints it unchanged.
+    let dir = tempfile::tempdir().unwrap();
+    for (prompt, shown) in [("calm\u{1b}[2Jsea\u{7}", "calm\\u{1b}[2Jsea\\u{7}"), ("calm sea", "calm sea")] {
+        let q = dir.path().join("q.bin");
+        let o = spintrak(
+            &["generate-gradients", "--prompt", prompt, "--duration", "0.2", "--proj-dim", "64", "--quiet", "--output"]
+                .iter()
+                .copied()
+                .chain([q.to_str().unwrap()])
+                .collect::<Vec<_>>(),
+            &[],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = spintrak(&["score", q.to_str().unwrap(), q.to_str().unwrap()], &[]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(out.contains(shown), "{out:?}");
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+    }
+}
