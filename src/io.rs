@@ -11,13 +11,20 @@ use anyhow::{Context, Result};
 /// kept), a character device or FIFO (`/dev/null`, `/dev/stdout`, a named pipe) is written
 /// into directly, and a directory or other special file is refused.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| {
+        f.write_all(bytes).with_context(|| format!("{}: write failed (disk full?)", path.display()))
+    })
+}
+
+/// `write_atomic` of what `fill` writes into the file (for outputs too large to hold).
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(link) = std::fs::symlink_metadata(path) {
         if link.file_type().is_symlink() {
             let target = std::fs::canonicalize(path).with_context(|| {
                 format!("{}: a symbolic link whose target cannot be resolved; give another output", path.display())
             })?;
-            return write_atomic(&target, bytes);
+            return write_atomic_with(&target, fill);
         }
         let ft = link.file_type();
         if ft.is_char_device() || ft.is_fifo() {
@@ -25,7 +32,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
                 .write(true)
                 .open(path)
                 .with_context(|| format!("{}: cannot open for writing", path.display()))?;
-            return f.write_all(bytes).with_context(|| format!("{}: write failed", path.display()));
+            return fill(&mut f);
         }
         if ft.is_dir() {
             anyhow::bail!("{}: is a directory; give a file name", path.display());
@@ -44,9 +51,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp)
+        let f = std::fs::File::create(&tmp)
             .with_context(|| format!("{}: cannot write here (permissions or a read-only disk?)", path.display()))?;
-        f.write_all(bytes).with_context(|| format!("{}: write failed (disk full?)", path.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        fill(&mut w)?;
+        let f =
+            w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("{}: write failed", path.display()))?;
         f.sync_all().with_context(|| format!("{}: sync failed", path.display()))?;
         std::fs::rename(&tmp, path)
             .with_context(|| format!("{}: cannot move the finished file into place", path.display()))

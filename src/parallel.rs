@@ -22,7 +22,35 @@ pub fn for_each<T: Sync>(
     work: impl Fn(&T) -> Result<()> + Sync,
     pb: &ProgressBar,
 ) -> Vec<(String, String)> {
-    let jobs = jobs.min(items.len()).max(1);
+    let groups: Vec<Vec<&T>> = items.iter().map(|x| vec![x]).collect();
+    for_each_group(&groups, jobs, |x| label(x), |g| vec![work(g[0])], pb)
+}
+
+/// Groups of at most `size` items sharing `key` (a batch of generations shares its
+/// duration), in the items' order within each key.
+pub fn batches<T: Clone>(items: &[T], size: usize, key: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
+    let mut sorted: Vec<T> = items.to_vec();
+    sorted.sort_by_key(|x| key(x));
+    let mut out: Vec<Vec<T>> = Vec::new();
+    for x in sorted {
+        match out.last_mut() {
+            Some(g) if g.len() < size.max(1) && key(&g[0]) == key(&x) => g.push(x),
+            _ => out.push(vec![x]),
+        }
+    }
+    out
+}
+
+/// `for_each` over groups of items processed together: `work` gives one result per
+/// item of its group; the bar counts items and failures name items.
+pub fn for_each_group<T: Sync>(
+    groups: &[Vec<T>],
+    jobs: usize,
+    label: impl Fn(&T) -> String + Sync,
+    work: impl Fn(&[T]) -> Vec<Result<()>> + Sync,
+    pb: &ProgressBar,
+) -> Vec<(String, String)> {
+    let jobs = jobs.min(groups.len()).max(1);
     let threads = candle_core::utils::get_num_threads();
     let per_job = (threads / jobs).max(1);
     let next = AtomicUsize::new(0);
@@ -42,18 +70,21 @@ pub fn for_each<T: Sync>(
                 };
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(item) = items.get(i) else { break };
-                    let name = label(item);
-                    let _ = tx.send(Event::Started(name.clone()));
-                    let result = pool.install(|| work(item));
-                    let _ = tx.send(match result {
-                        Ok(()) => Event::Done,
-                        Err(e) => {
-                            let msg: Vec<String> =
-                                e.chain().map(|c| c.to_string().lines().next().unwrap_or("").to_string()).collect();
-                            Event::Failed(name, msg.join(": "))
-                        }
-                    });
+                    let Some(group) = groups.get(i) else { break };
+                    let names: Vec<String> = group.iter().map(label).collect();
+                    let _ = tx.send(Event::Started(names.join(", ")));
+                    let mut results = pool.install(|| work(group)).into_iter();
+                    for name in names {
+                        let result = results.next().unwrap_or_else(|| Err(anyhow::anyhow!("no result")));
+                        let _ = tx.send(match result {
+                            Ok(()) => Event::Done,
+                            Err(e) => {
+                                let msg: Vec<String> =
+                                    e.chain().map(|c| c.to_string().lines().next().unwrap_or("").to_string()).collect();
+                                Event::Failed(name, msg.join(": "))
+                            }
+                        });
+                    }
                 }
             });
         }

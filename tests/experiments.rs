@@ -114,6 +114,15 @@ fn experiment_3_end_to_end_with_resume() {
     let again = runner(d, &cfg, &["--resume-from", run_dir.to_str().unwrap()]);
     assert_eq!(again, agg);
     assert_eq!(std::fs::read(&agg).unwrap(), before);
+    // The four cases generated together: the same tracks and the same aggregate.
+    std::fs::create_dir_all(d.join("batched")).unwrap();
+    let batched = runner(d, &cfg, &["--batch", "4", "--output-dir", "batched"]);
+    assert_eq!(std::fs::read(&batched).unwrap(), before, "--batch changed the embeddings");
+    for case in ["Moody_alternative_rock_0.5_42", "Lively_salsa_groove_0.5_43"] {
+        let wav = format!("{case}.wav");
+        let (a, b) = (run_dir.join(&wav), batched.parent().unwrap().join(&wav));
+        assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap(), "--batch changed {wav}");
+    }
     // Resuming with other sampling settings is refused, naming the setting, instead of
     // mixing settings in the aggregate file.
     let mut args = vec!["--config", cfg.to_str().unwrap(), "--quiet", "--proj-dim", "512"];

@@ -95,3 +95,36 @@ fn stereo_model_generates_two_channels() {
     let m: Vec<f32> = mono.get(0).unwrap().to_vec1().unwrap();
     assert_eq!(l, m);
 }
+
+#[test]
+fn a_batch_generates_what_each_track_generates_alone() {
+    // Eight tracks (the most a batch takes) with prompts of different token lengths and
+    // their own seeds: mono over two windows, and stereo.
+    let vocab = spintrak::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json()).unwrap().vocab_size();
+    let mono = tiny::build(SEED, &Device::Cpu).unwrap();
+    let stereo = tiny::random_model(tiny::stereo_config(vocab), 5, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let prompts = [
+        "calm piano",
+        "lively salsa groove with bright horns, piano montuno and congas",
+        "rock",
+        "ambient drones over a slow pulse",
+        "x",
+        "techno",
+        "jazz trio with brushes and upright bass",
+        "folk",
+    ];
+    for (model, duration) in [(&mono, 10.5), (&stereo, 0.6)] {
+        let o: Vec<GenerateOptions> = (0..8).map(|i| opts(model, 40 + i, 250)).collect();
+        let batch = model.generate_batch(&prompts, duration, &o, None).unwrap();
+        assert_eq!(batch.len(), 8);
+        for (i, (track, prompt)) in batch.iter().zip(prompts).enumerate() {
+            let alone = model.generate(prompt, duration, &o[i], None).unwrap();
+            assert_eq!(*track, alone, "track {i} ({prompt}) differs from its generation alone");
+        }
+        assert_ne!(batch[0].frames, batch[1].frames);
+    }
+    // Only the seeds may differ within a batch.
+    let mut other = opts(&mono, 1, 250);
+    other.guidance_scale = 2.0;
+    assert!(mono.generate_batch(&prompts[..2], 0.2, &[opts(&mono, 1, 250), other], None).is_err());
+}

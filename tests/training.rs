@@ -67,7 +67,7 @@ fn read(p: &Path) -> Vec<u8> {
 }
 
 #[test]
-fn jobs_do_not_change_the_output() {
+fn jobs_and_batches_do_not_change_the_output() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     dataset(&data, 6, 0.4);
@@ -79,6 +79,16 @@ fn jobs_do_not_change_the_output() {
     let o = train(&data, &b.join("out.bin"), &["--jobs", "2"], &[]);
     assert!(o.status.success(), "{}", err(&o));
     assert_eq!(read(&a.join("out.bin")), read(&b.join("out.bin")));
+    // Examples generated together (a batch of 4 and one of 2; two batches of 3 on two
+    // workers): the same file.
+    for (i, extra) in [["--batch", "4", "--jobs", "1"], ["--batch", "3", "--jobs", "2"]].iter().enumerate() {
+        let out = tmp.path().join(format!("batched{i}.bin"));
+        let o = train(&data, &out, extra, &[]);
+        assert!(o.status.success(), "{}", err(&o));
+        assert_eq!(read(&a.join("out.bin")), read(&out), "--batch changed the output ({extra:?})");
+    }
+    let o = train(&data, &tmp.path().join("nine.bin"), &["--batch", "9"], &[]);
+    assert!(!o.status.success() && err(&o).contains("1 to 8"), "{}", err(&o));
     let f = spintrak::store::EmbeddingFile::read(&a.join("out.bin")).unwrap();
     let sources: Vec<String> = f.header.records.iter().map(|r| r.source.clone().unwrap()).collect();
     let mut sorted = sources.clone();
@@ -221,7 +231,8 @@ fn broken_examples_are_reported_and_the_rest_kept() {
     std::fs::write(data.join("bad/text.mp3"), b"ID3? no: a plain text file that is not audio at all").unwrap();
     std::fs::write(data.join("bad/text.json"), br#"{"description": "x", "duration": 1}"#).unwrap();
     let out = tmp.path().join("out.bin");
-    let o = train(&data, &out, &["--jobs", "2"], &[]);
+    // Batched: a broken example fails alone, its batch-mates are kept.
+    let o = train(&data, &out, &["--jobs", "2", "--batch", "3"], &[]);
     let e = err(&o);
     assert!(!o.status.success());
     for needle in ["4 of 8 examples failed", "malformed.json", "0 bytes", "description", "text.mp3: not usable audio"] {

@@ -7,6 +7,8 @@ pub mod projector;
 pub mod record;
 pub mod score;
 
-pub use gradient::{embed, for_each_gradient, gradient_dim, Timings};
-pub use objective::{AudioInput, AudioNllObjective, Example, GenerationObjective, Objective, ObjectiveKind, Prepared};
+pub use gradient::{embed, embed_prepared, for_each_gradient, gradient_dim, Timings};
+pub use objective::{
+    prepare_batch, AudioInput, AudioNllObjective, Example, GenerationObjective, Objective, ObjectiveKind, Prepared,
+};
 pub use projector::{ProjectorKind, ProjectorSpec};

@@ -128,6 +128,11 @@ pub trait Objective: Send + Sync {
     }
     /// Work done without gradients (generation, encoding).
     fn prepare(&self, model: &MusicGen, example: &Example, progress: Option<&ProgressBar>) -> Result<Prepared>;
+    /// How examples without audio are generated (`None`: they are refused).
+    fn generation_settings(&self) -> Option<&GenerationSettings>;
+    /// The preparation of `example` (no audio) from its generation, as `prepare` makes it.
+    fn prepared_from_generation(&self, model: &MusicGen, example: &Example, generation: Generation)
+        -> Result<Prepared>;
     /// The decoder inputs (`[1, D, T]`, one per audio channel) of the codec scalar.
     fn codec_inputs(&self, model: &MusicGen, prepared: &Prepared) -> Result<Vec<Tensor>>;
     /// The codec scalar's share from one channel's decoded audio `[1, 1, samples]`.
@@ -250,6 +255,19 @@ impl Objective for GenerationObjective {
             );
         }
         let generation = model.generate(&example.prompt, example.duration, &self.options(example.seed), progress)?;
+        self.prepared_from_generation(model, example, generation)
+    }
+
+    fn generation_settings(&self) -> Option<&GenerationSettings> {
+        Some(&self.settings)
+    }
+
+    fn prepared_from_generation(
+        &self,
+        model: &MusicGen,
+        example: &Example,
+        generation: Generation,
+    ) -> Result<Prepared> {
         let duration = generation.num_frames() as f64 / model.cfg.frame_rate();
         Ok(Prepared::new(generation, model.encode_text(&example.prompt)?, duration))
     }
@@ -396,9 +414,9 @@ impl Objective for AudioNllObjective {
     }
 
     fn prepare(&self, model: &MusicGen, example: &Example, progress: Option<&ProgressBar>) -> Result<Prepared> {
-        let t5 = model.encode_text(&example.prompt)?;
         match &example.audio {
             Some(a) => {
+                let t5 = model.encode_text(&example.prompt)?;
                 let rate = model.cfg.sample_rate() as u32;
                 let excerpt =
                     crate::audio::read_excerpt(&a.path, rate, model.cfg.audio_channels, a.offset, a.duration)?;
@@ -423,11 +441,24 @@ impl Objective for AudioNllObjective {
                 let gen = GenerationObjective { settings: settings.clone() };
                 let generation =
                     model.generate(&example.prompt, example.duration, &gen.options(example.seed), progress)?;
-                let mut prepared = prepared_from_codes(model, generation.frames, t5)?;
-                prepared.duration = example.duration;
-                Ok(prepared)
+                self.prepared_from_generation(model, example, generation)
             }
         }
+    }
+
+    fn generation_settings(&self) -> Option<&GenerationSettings> {
+        self.generation.as_ref()
+    }
+
+    fn prepared_from_generation(
+        &self,
+        model: &MusicGen,
+        example: &Example,
+        generation: Generation,
+    ) -> Result<Prepared> {
+        let mut prepared = prepared_from_codes(model, generation.frames, model.encode_text(&example.prompt)?)?;
+        prepared.duration = example.duration;
+        Ok(prepared)
     }
 
     fn codec_inputs(&self, _: &MusicGen, _: &Prepared) -> Result<Vec<Tensor>> {
@@ -453,6 +484,34 @@ impl Objective for AudioNllObjective {
         let weight = w.frames[0].len() as f64 / prepared.generation.num_frames() as f64;
         Ok((tf.per_codebook_nll(logits)?.mean_all()? * weight)?)
     }
+}
+
+/// Prepares several examples, generating those without audio together (`generate_batch`:
+/// one forward pass per decoding step for a run of examples of one duration). Each
+/// preparation is exactly what `objective.prepare` gives the example alone; a batch that
+/// fails is retried one example at a time, so that each failure is the example's own.
+pub fn prepare_batch(
+    objective: &dyn Objective,
+    model: &MusicGen,
+    examples: &[Example],
+    progress: Option<&ProgressBar>,
+) -> Vec<Result<Prepared>> {
+    let batchable = |e: &Example| e.audio.is_none();
+    if let (Some(settings), true) = (objective.generation_settings(), examples.len() > 1) {
+        if examples.iter().all(batchable) && examples.iter().all(|e| e.duration == examples[0].duration) {
+            let gen = GenerationObjective { settings: settings.clone() };
+            let prompts: Vec<&str> = examples.iter().map(|e| e.prompt.as_str()).collect();
+            let opts: Vec<GenerateOptions> = examples.iter().map(|e| gen.options(e.seed)).collect();
+            if let Ok(generations) = model.generate_batch(&prompts, examples[0].duration, &opts, progress) {
+                return examples
+                    .iter()
+                    .zip(generations)
+                    .map(|(e, g)| objective.prepared_from_generation(model, e, g))
+                    .collect();
+            }
+        }
+    }
+    examples.iter().map(|e| objective.prepare(model, e, progress)).collect()
 }
 
 fn window(prepared: &Prepared, part: usize) -> Result<&Window> {

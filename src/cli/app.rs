@@ -26,6 +26,7 @@ pub enum Command {
     GenerateGradients(super::generate_gradients::GenerateGradients),
     GenerateTrainingDatasetParallel(super::training::GenerateTrainingDataset),
     Merge(super::merge::Merge),
+    Index(super::index::Index),
     ExperimentRunner(super::experiments::ExperimentRunner),
     #[command(name = "experiment-1-results")]
     Experiment1Results(super::experiments::ExperimentResultsArgs),
@@ -87,6 +88,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         Command::GenerateGradients(c) => c.run(),
         Command::GenerateTrainingDatasetParallel(c) => c.run(),
         Command::Merge(c) => c.run(),
+        Command::Index(c) => c.run(),
         Command::ExperimentRunner(c) => c.run(),
         Command::Experiment1Results(c) => c.run(Experiment::One),
         Command::Experiment3Results(c) => c.run(Experiment::Three),

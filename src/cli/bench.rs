@@ -15,13 +15,14 @@ use crate::musicgen::{tiny, GenerateOptions, MusicGen};
 /// backward / project split, peak memory) and projection throughput (GB/s vs memcpy).
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  spintrak bench                               # everything, tiny and musicgen-small-shaped models\n  spintrak bench --section generation --only tiny --json\n  spintrak bench --section gradients --only small --grad-seconds 10"
+    after_help = "Examples:\n  spintrak bench                               # everything, tiny and musicgen-small-shaped models\n  spintrak bench --section generation --only tiny --json\n  spintrak bench --section gradients --only small --grad-seconds 10\n  spintrak bench --peer                        # next to PyTorch; writes bench/RESULTS.md\n  spintrak bench --peer --python /path/to/venv/bin/python --peer-models tiny --peer-seconds 2"
 )]
 pub struct Bench {
     /// What to measure: generation, gradients, projection, or all.
     #[arg(long, default_value = "all")]
     pub section: String,
-    /// Training rows of the scoring benchmark (m = 100 queries, k = 8192).
+    /// Training rows of the scoring benchmark (k = 8192; written to a temporary file
+    /// of n × 32 KB, indexed, then queried with m = 1 and 100).
     #[arg(long, default_value_t = 100_000)]
     pub score_rows: usize,
     /// Seconds of audio per gradient example.
@@ -50,6 +51,32 @@ pub struct Bench {
     /// Print results as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Side by side with PyTorch/transformers (bench/peer.py) on the same weights:
+    /// generation, both gradients, projection and scoring, each checked to be the same
+    /// computation; writes --results.
+    #[arg(long)]
+    pub peer: bool,
+    /// The Python of the peer (default: bench/.venv, set up with pip when missing).
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<std::path::PathBuf>,
+    /// The peer script.
+    #[arg(long, default_value = "bench/peer.py", value_name = "PATH")]
+    pub peer_script: std::path::PathBuf,
+    /// Runs of each side per figure (alternated).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Where --peer writes its table.
+    #[arg(long, default_value = "bench/RESULTS.md", value_name = "PATH")]
+    pub results: std::path::PathBuf,
+    /// Models of --peer: tiny, small.
+    #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
+    pub peer_models: Vec<String>,
+    /// Seconds of audio of --peer's generation and gradients.
+    #[arg(long, value_delimiter = ',', default_value = "2,10")]
+    pub peer_seconds: Vec<f64>,
+    /// Training rows of --peer's scoring figure (k = 8192, m = 100; 0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    pub peer_score_rows: usize,
 }
 
 /// Memory bandwidth from copying a buffer much larger than the caches (bytes/s).
@@ -97,11 +124,53 @@ fn bench_generation(model: &MusicGen, seconds: f64, bandwidth: f64) -> Result<se
     }))
 }
 
+/// Tracks of `seconds` per second of wall time when generated `n` at a time
+/// (`generate_batch`): one forward pass per step for the whole batch.
+fn bench_batched_generation(model: &MusicGen, seconds: f64) -> Result<serde_json::Value> {
+    let prompts = [
+        "lively salsa groove with bright horns",
+        "moody alternative rock ballad",
+        "calm piano melody",
+        "fast techno beat with a rolling bassline",
+        "folk guitar and fiddle",
+        "ambient drones over a slow pulse",
+        "jazz trio with brushes",
+        "orchestral film score with brass",
+    ];
+    let mut out = serde_json::Map::new();
+    for n in [1usize, 4, 8] {
+        let opts: Vec<GenerateOptions> = (0..n)
+            .map(|i| GenerateOptions {
+                sampler: Sampler { use_sampling: true, temperature: 1.0, top_k: 250, top_p: 0.0, seed: i as u64 },
+                guidance_scale: 3.0,
+                extend_stride: model.default_extend_stride(),
+            })
+            .collect();
+        let start = Instant::now();
+        let gens = model.generate_batch(&prompts[..n], seconds, &opts, None)?;
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(&gens);
+        out.insert(n.to_string(), serde_json::json!({"seconds": secs, "examples_per_second": n as f64 / secs}));
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
 impl Bench {
     pub fn run(&self) -> Result<()> {
         let sections = ["generation", "gradients", "projection", "dataset", "scoring", "all"];
         if !sections.contains(&self.section.as_str()) {
             anyhow::bail!("--section takes one of {sections:?}, got `{}`", self.section);
+        }
+        if self.peer {
+            return super::bench_peer::run(&super::bench_peer::PeerOptions {
+                python: self.python.clone(),
+                script: self.peer_script.clone(),
+                reps: self.reps.max(1),
+                results: self.results.clone(),
+                models: self.peer_models.clone(),
+                seconds: self.peer_seconds.clone(),
+                score_rows: self.peer_score_rows,
+            });
         }
         if let Some(task) = &self.worker {
             let dir = self.model_dir.as_deref().ok_or_else(|| anyhow::anyhow!("--worker needs --model-dir"))?;
@@ -134,7 +203,9 @@ impl Bench {
                 tiny::random_model(tiny::small_shape_config(vocab), 7, candle_core::DType::F32, &Device::Cpu)?
             };
             if section("generation") {
-                results.insert(name.to_string(), bench_generation(&model, self.seconds, bandwidth)?);
+                let mut r = bench_generation(&model, self.seconds, bandwidth)?;
+                r["batched"] = bench_batched_generation(&model, self.seconds)?;
+                results.insert(name.to_string(), r);
             }
             if section("gradients") {
                 grads.insert(name.to_string(), bench_gradients(&model, self.grad_seconds)?);
@@ -142,7 +213,8 @@ impl Bench {
         }
         let projection = if section("projection") { Some(bench_projection(bandwidth)?) } else { None };
         let dataset = if section("dataset") && want("tiny") { Some(bench_dataset()?) } else { None };
-        let scoring = if section("scoring") { Some(bench_scoring(self.score_rows)?) } else { None };
+        let scoring =
+            if section("scoring") { Some(super::bench_scoring::bench_scoring(self.score_rows)?) } else { None };
         let out = serde_json::json!({
             "memcpy_bandwidth_gb_per_s": bandwidth / 1e9,
             "threads": candle_core::utils::get_num_threads(),
@@ -165,18 +237,7 @@ impl Bench {
                 print_projection(p);
             }
             if let Some(sc) = &scoring {
-                println!("\nscoring, m = {} queries, k = {} (random data):", sc["m"], sc["k"]);
-                for key in ["spintrak", "spintrak_small", "naive_small"] {
-                    let r = &sc[key];
-                    println!(
-                        "  {:<16} n = {:>7}: {:>8.2} s, peak RSS {:>7.0} MB ({})",
-                        key,
-                        r["n"],
-                        r["seconds"].as_f64().unwrap_or(0.0),
-                        r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-                        r["method"].as_str().unwrap_or("")
-                    );
-                }
+                super::bench_scoring::print_scoring(sc);
             }
             if let Some(d) = &dataset {
                 println!(
@@ -208,6 +269,19 @@ impl Bench {
                     r["weight_read_bound_steps_per_second"].as_f64().unwrap_or(0.0),
                     100.0 * r["fraction_of_bound"].as_f64().unwrap_or(0.0),
                     r["decode_seconds"].as_f64().unwrap_or(0.0),
+                );
+            }
+            println!("\ngeneration, tracks of {} s generated N at a time (examples/s):", self.seconds);
+            for (name, r) in &results {
+                let b = |n: &str| r["batched"][n]["examples_per_second"].as_f64().unwrap_or(0.0);
+                println!(
+                    "{:<22} N=1 {:.3}   N=4 {:.3} ({:.2}×)   N=8 {:.3} ({:.2}×)",
+                    name,
+                    b("1"),
+                    b("4"),
+                    b("4") / b("1"),
+                    b("8"),
+                    b("8") / b("1")
                 );
             }
         }
@@ -583,65 +657,5 @@ fn bench_dataset() -> Result<serde_json::Value> {
     let _ = std::fs::remove_dir_all(&tmp);
     out.insert("examples".into(), n.into());
     out.insert("seconds_each".into(), seconds.into());
-    Ok(serde_json::Value::Object(out))
-}
-
-/// Scoring time and peak memory for n training rows, next to a naive dense baseline
-/// (explicit inverse of ΦᵀΦ + λI, everything in memory in f64) on a smaller n.
-fn bench_scoring(n: usize) -> Result<serde_json::Value> {
-    use crate::attribution::score::scores;
-    use faer::linalg::matmul::matmul;
-    use faer::linalg::solvers::Solve;
-    use faer::{Accum, Mat, Par, Side};
-    use rayon::prelude::*;
-    let (m, k, lambda) = (100usize, 8192usize, 1.0);
-    let random = |rows: usize, seed: u64| -> Vec<f32> {
-        let mut v = vec![0f32; rows * k];
-        v.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
-            for (j, x) in row.iter_mut().enumerate() {
-                *x = crate::rng::normal(seed, r as u64, j as u64) as f32;
-            }
-        });
-        v
-    };
-    let g = random(m, 1);
-    let mut out = serde_json::Map::new();
-    out.insert("m".into(), m.into());
-    out.insert("k".into(), k.into());
-    let small = 2000.min(n);
-    for (key, rows) in [("spintrak", n), ("spintrak_small", small)] {
-        let phi = random(rows, 2);
-        reset_peak_rss();
-        let start = Instant::now();
-        let (s, method) = scores(&g, m, &phi, rows, k, lambda)?;
-        let secs = start.elapsed().as_secs_f64();
-        std::hint::black_box(&s);
-        out.insert(
-            key.into(),
-            serde_json::json!({"n": rows, "seconds": secs, "peak_rss_bytes": peak_rss(), "method": format!("{method:?}")}),
-        );
-    }
-    // Naive: Φ and G in f64, M = ΦᵀΦ + λI, M⁻¹ explicitly, S = G M⁻¹ Φᵀ.
-    let phi = random(small, 2);
-    reset_peak_rss();
-    let start = Instant::now();
-    let phi64 = Mat::from_fn(small, k, |i, j| phi[i * k + j] as f64);
-    let g64 = Mat::from_fn(m, k, |i, j| g[i * k + j] as f64);
-    let mut gram = Mat::<f64>::zeros(k, k);
-    matmul(gram.as_mut(), Accum::Replace, phi64.transpose(), phi64.as_ref(), 1.0, Par::rayon(0));
-    for i in 0..k {
-        gram[(i, i)] += lambda;
-    }
-    let mut inv = Mat::<f64>::identity(k, k);
-    gram.llt(Side::Lower).map_err(|_| anyhow::anyhow!("not positive definite"))?.solve_in_place(inv.as_mut());
-    let mut gi = Mat::<f64>::zeros(m, k);
-    matmul(gi.as_mut(), Accum::Replace, g64.as_ref(), inv.as_ref(), 1.0, Par::rayon(0));
-    let mut s = Mat::<f64>::zeros(m, small);
-    matmul(s.as_mut(), Accum::Replace, gi.as_ref(), phi64.transpose(), 1.0, Par::rayon(0));
-    std::hint::black_box(&s);
-    out.insert(
-        "naive_small".into(),
-        serde_json::json!({"n": small, "seconds": start.elapsed().as_secs_f64(), "peak_rss_bytes": peak_rss(), "method": "explicit inverse"}),
-    );
     Ok(serde_json::Value::Object(out))
 }

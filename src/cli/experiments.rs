@@ -14,7 +14,7 @@ use crate::attribution::score::top_influences;
 use crate::attribution::{embed, Example, GenerationObjective, ObjectiveKind, ProjectorSpec};
 use crate::experiments::config::ExperimentConfig;
 use crate::experiments::results::{experiment_results, read_embeddings, Ensemble, Experiment, Labels};
-use crate::experiments::runner::{case_done, prepare_dir, run_case, write_aggregate};
+use crate::experiments::runner::{case_done, prepare_dir, run_cases, write_aggregate};
 use crate::store::EmbeddingFile;
 
 /// Run an experiment grid (prompts × seeds × durations): audio and embeddings per case.
@@ -45,6 +45,11 @@ pub struct ExperimentRunner {
     /// Cases processed at once.
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,
+    /// Cases of one duration generated together (1 to 8): each decoding step is one
+    /// forward pass for all of them, so the weights are read once per step. The output
+    /// is identical for any value.
+    #[arg(long, default_value_t = 1, value_parser = super::parse_batch)]
+    pub batch: usize,
     #[command(flatten)]
     pub objective: ObjectiveArgs,
     #[command(flatten)]
@@ -79,11 +84,12 @@ impl ExperimentRunner {
             eprintln!("{}: {} cases ({} to do)", layout.dir.display(), cases.len(), todo.len());
         }
         let pb = progress_bar_examples(self.quiet, todo.len() as u64);
-        let failures = crate::parallel::for_each(
-            &todo,
+        let groups = crate::parallel::batches(&todo, self.batch, |c| c.duration.to_bits());
+        let failures = crate::parallel::for_each_group(
+            &groups,
             self.jobs,
             |c| c.name.clone(),
-            |c| run_case(&model, objective, &spec, &layout, c),
+            |group| run_cases(&model, objective, &spec, &layout, group),
             &pb,
         );
         pb.finish_and_clear();

@@ -2,11 +2,14 @@
 
 pub mod app;
 pub mod bench;
+mod bench_peer;
+mod bench_scoring;
 pub mod demo;
 pub mod experiments;
 pub mod finetune;
 pub mod generate_audio;
 pub mod generate_gradients;
+pub mod index;
 pub mod init_model;
 pub mod loss;
 pub mod merge;
@@ -219,6 +222,16 @@ pub fn check_jobs(jobs: usize) -> Result<()> {
         bail!("--jobs {jobs}: this machine has {cpus} CPU(s); more jobs than CPUs only multiplies the memory used (use --jobs {cpus} or fewer)");
     }
     Ok(())
+}
+
+/// `--batch N`: tracks generated together, 1 to 8 (with guidance, 16 rows per forward
+/// pass: the most the few-row kernel takes, which keeps every row's numbers those it
+/// gets alone).
+pub fn parse_batch(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=8).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to 8, got `{s}`")),
+    }
 }
 
 /// A progress bar on stderr (hidden when `quiet` or when stderr is not a terminal).

@@ -9,7 +9,7 @@ use clap::Args;
 use super::{
     check_output_dir, parse_duration, parse_offset, single_file, ModelArgs, ObjectiveArgs, ProjectionArgs, SamplingArgs,
 };
-use crate::attribution::{embed, AudioInput, Example, Objective, ObjectiveKind, ProjectorSpec};
+use crate::attribution::{embed_prepared, prepare_batch, AudioInput, Example, Objective, ObjectiveKind, ProjectorSpec};
 use crate::dataset::{walk, TrainingExample};
 use crate::musicgen::MusicGen;
 use crate::store::embedding_file::ShardInfo;
@@ -50,6 +50,11 @@ pub struct GenerateTrainingDataset {
     /// Examples processed at once; the CPU threads are shared among them.
     #[arg(long, visible_alias = "processes-per-gpu", default_value_t = 1)]
     pub jobs: usize,
+    /// Examples generated together with the generation objective (1 to 8, of one
+    /// duration): each decoding step is one forward pass for all of them, so the weights
+    /// are read once per step. The output is identical for any value.
+    #[arg(long, default_value_t = 1, value_parser = super::parse_batch)]
+    pub batch: usize,
     /// Process only shard I of N (0-based), e.g. `--shard 3/16`.
     #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
@@ -219,7 +224,8 @@ impl GenerateTrainingDataset {
         })
     }
 
-    /// Embeds `todo` with `--jobs` workers; returns the failures.
+    /// Embeds `todo` with `--jobs` workers, `--batch` examples generated together;
+    /// returns the failures.
     fn process(
         &self,
         model: &MusicGen,
@@ -228,20 +234,25 @@ impl GenerateTrainingDataset {
         todo: &[&TrainingExample],
         state: &RunState,
     ) -> Result<Vec<(String, String)>> {
-        // One bar over the examples, and one per example in progress (its generation or
+        // Only generated examples share forward passes (audio-nll reads each file's own audio).
+        let batch = if self.objective.objective == ObjectiveKind::Generation { self.batch } else { 1 };
+        let groups = crate::parallel::batches(todo, batch, |e| {
+            e.read_description(self.duration).map_or(0, |(_, d)| d.to_bits())
+        });
+        // One bar over the examples, and one per batch in progress (its generation or
         // backward steps), so that an ETA shows from the first steps of a long example.
         let bars = indicatif::MultiProgress::new();
         let pb = bars.add(super::progress_bar_examples(self.quiet, todo.len() as u64));
-        let failures = crate::parallel::for_each(
-            todo,
+        let failures = crate::parallel::for_each_group(
+            &groups,
             self.jobs,
             |ex| ex.rel_path.clone(),
-            |ex| {
-                let steps = bars.add(super::progress_bar(self.quiet, &ex.file_name()));
-                let result = self.embed_one(model, objective, spec, ex, state, &steps);
+            |group| {
+                let steps = bars.add(super::progress_bar(self.quiet, &group[0].file_name()));
+                let results = self.embed_group(model, objective, spec, group, state, &steps);
                 steps.finish_and_clear();
                 bars.remove(&steps);
-                result
+                results
             },
             &pb,
         );
@@ -249,15 +260,8 @@ impl GenerateTrainingDataset {
         Ok(failures)
     }
 
-    fn embed_one(
-        &self,
-        model: &MusicGen,
-        objective: &dyn Objective,
-        spec: &ProjectorSpec,
-        ex: &TrainingExample,
-        state: &RunState,
-        progress: &indicatif::ProgressBar,
-    ) -> Result<()> {
+    /// The example to embed for a dataset entry, and what its embedding depends on.
+    fn example_of(&self, ex: &TrainingExample) -> Result<(Option<Inputs>, Example)> {
         // Taken before the work, so that a file edited meanwhile is recomputed next time.
         let inputs = self.inputs(ex);
         let (prompt, duration) = ex.read_description(self.duration)?;
@@ -273,17 +277,49 @@ impl GenerateTrainingDataset {
             crate::audio::probe_audio(&ex.audio).with_context(|| format!("{}: not usable audio", ex.rel_path))?;
         }
         let seed = if audio.is_some() { 0 } else { self.seed };
-        let example =
-            Example { name: ex.file_name(), prompt, duration, seed, source: Some(ex.rel_path.clone()), audio };
-        let (embedding, prepared, _) = embed(model, objective, spec, &example, Some(progress))?;
-        if !self.quiet {
-            for w in &prepared.warnings {
-                eprintln!("warning: {w}");
+        Ok((inputs, Example { name: ex.file_name(), prompt, duration, seed, source: Some(ex.rel_path.clone()), audio }))
+    }
+
+    /// Embeds and saves a group of examples (generated together when they can be); one
+    /// result per example.
+    fn embed_group(
+        &self,
+        model: &MusicGen,
+        objective: &dyn Objective,
+        spec: &ProjectorSpec,
+        group: &[&TrainingExample],
+        state: &RunState,
+        progress: &indicatif::ProgressBar,
+    ) -> Vec<Result<()>> {
+        let mut results: Vec<Result<()>> = Vec::with_capacity(group.len());
+        let mut ready = Vec::new();
+        for (i, ex) in group.iter().enumerate() {
+            match self.example_of(ex) {
+                Ok(x) => {
+                    ready.push((i, x));
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
             }
         }
-        let file = single_file(model, objective, spec, vec![(example.record(prepared.duration), embedding)])?;
-        let inputs = inputs.with_context(|| format!("{}: its description became unreadable", ex.rel_path))?;
-        state.save(&ex.rel_path, &inputs, &file)
+        let examples: Vec<Example> = ready.iter().map(|(_, (_, e))| e.clone()).collect();
+        let prepared = prepare_batch(objective, model, &examples, Some(progress));
+        for ((i, (inputs, example)), prepared) in ready.into_iter().zip(prepared) {
+            let ex = group[i];
+            results[i] = (|| {
+                let (embedding, prepared, _) = embed_prepared(model, objective, spec, prepared?, Some(progress))
+                    .map_err(|e| e.context(format!("embedding `{}`", example.name)))?;
+                if !self.quiet {
+                    for w in &prepared.warnings {
+                        eprintln!("warning: {w}");
+                    }
+                }
+                let file = single_file(model, objective, spec, vec![(example.record(prepared.duration), embedding)])?;
+                let inputs = inputs.with_context(|| format!("{}: its description became unreadable", ex.rel_path))?;
+                state.save(&ex.rel_path, &inputs, &file)
+            })();
+        }
+        results
     }
 }
 

@@ -1,15 +1,19 @@
 //! Scores, tables and figures of experiments 1, 3 and 4, and the score tables behind
 //! `spintrak score` / `attribute`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use super::config::format_seconds;
 use super::plot::{render, StripPlot, StripPoint};
-use crate::attribution::score::{scores, top_influences, Influence};
+use crate::attribution::score::{scores_factored, scores_rows, top_influences, Influence, Rows};
+use crate::store::embedding_file::MappedEmbeddings;
+use crate::store::index::{index_path, IndexFile};
 use crate::store::{EmbeddingFile, Record};
 
 /// Which experiment's results.
@@ -86,54 +90,147 @@ impl Labels {
     }
 }
 
-/// Reads an embedding file; a `.pt` path (as the seed document writes the aggregate)
-/// falls back to the `.bin` beside it.
-pub fn read_embeddings(path: &Path) -> Result<EmbeddingFile> {
+/// The embedding file a path names; a `.pt` path (as the seed document writes the
+/// aggregate) falls back to the `.bin` beside it.
+fn embeddings_path(path: &Path) -> Result<PathBuf> {
     if !path.exists() && path.extension().is_some_and(|e| e == "pt") {
         let bin = path.with_extension("bin");
         if bin.exists() {
             eprintln!("note: reading {} (spintrak writes embedding files as .bin)", bin.display());
-            return EmbeddingFile::read(&bin);
+            return Ok(bin);
         }
     }
     if !path.exists() {
         bail!("{}: no such file", path.display());
     }
-    EmbeddingFile::read(path)
+    Ok(path.to_path_buf())
 }
 
-/// Training rows gathered from several files.
+/// Reads an embedding file into memory (`embeddings_path` resolves the name).
+pub fn read_embeddings(path: &Path) -> Result<EmbeddingFile> {
+    EmbeddingFile::read(&embeddings_path(path)?)
+}
+
+/// Maps a training embedding file (`embeddings_path` resolves the name).
+pub fn map_embeddings(path: &Path) -> Result<Arc<MappedEmbeddings>> {
+    Ok(Arc::new(MappedEmbeddings::open(&embeddings_path(path)?)?))
+}
+
+/// Training rows of one or several files, read in place from their memory maps.
+#[derive(Clone)]
 pub struct Training {
     pub records: Vec<Record>,
-    pub data: Vec<f32>,
     pub k: usize,
+    files: Vec<Arc<MappedEmbeddings>>,
+    /// The first row of each file in the concatenation.
+    starts: Vec<usize>,
+    /// The rows in use (of the concatenation), when a subset.
+    selection: Option<Vec<usize>>,
 }
 
-/// Loads training files, checking every one against the queries' header.
-pub fn load_training(query: &EmbeddingFile, query_path: &Path, paths: &[PathBuf]) -> Result<Training> {
-    if paths.is_empty() {
+/// Gathers training files, checking every one against the queries' header.
+pub fn load_training(query: &EmbeddingFile, query_path: &Path, files: Vec<Arc<MappedEmbeddings>>) -> Result<Training> {
+    if files.is_empty() {
         bail!("no training embedding files given");
     }
     let mut records = Vec::new();
-    let mut data = Vec::new();
-    for p in paths {
-        let f = read_embeddings(p)?;
-        query.header.check_compatible(&f.header, &query_path.display().to_string(), &p.display().to_string())?;
+    let mut starts = Vec::with_capacity(files.len());
+    for f in &files {
+        query.header.check_compatible(&f.header, &query_path.display().to_string(), &f.path.display().to_string())?;
+        starts.push(records.len());
         records.extend(f.header.records.iter().cloned());
-        data.extend_from_slice(&f.data);
     }
-    Ok(Training { records, data, k: query.k() })
+    Ok(Training { records, k: query.k(), files, starts, selection: None })
 }
 
 impl Training {
     /// The rows with this duration.
     pub fn with_duration(&self, d: f64) -> Training {
-        let idx: Vec<usize> = (0..self.records.len()).filter(|&i| self.records[i].duration == d).collect();
+        let all: Vec<usize> = match &self.selection {
+            Some(s) => s.clone(),
+            None => (0..self.records.len()).collect(),
+        };
+        let keep: Vec<usize> = (0..self.records.len()).filter(|&i| self.records[i].duration == d).collect();
         Training {
-            records: idx.iter().map(|&i| self.records[i].clone()).collect(),
-            data: idx.iter().flat_map(|&i| self.data[i * self.k..(i + 1) * self.k].iter().copied()).collect(),
+            records: keep.iter().map(|&i| self.records[i].clone()).collect(),
             k: self.k,
+            files: self.files.clone(),
+            starts: self.starts.clone(),
+            selection: Some(keep.iter().map(|&i| all[i]).collect()),
         }
+    }
+
+    /// Row `i` of the concatenation of the files.
+    fn row(&self, i: usize) -> &[f32] {
+        let f = self.starts.partition_point(|&s| s <= i) - 1;
+        let local = i - self.starts[f];
+        &self.files[f].data()[local * self.k..(local + 1) * self.k]
+    }
+
+    /// The index beside the (single, whole) training file, when there is one made for λ.
+    fn usable_index(&self, lambda: f64) -> Option<IndexFile> {
+        let [file] = self.files.as_slice() else { return None };
+        let path = index_path(&file.path);
+        if self.selection.is_some() || !path.exists() {
+            return None;
+        }
+        match IndexFile::open(&path).and_then(|ix| ix.check(file).map(|_| ix)) {
+            Ok(ix) if ix.header.lambda == lambda => Some(ix),
+            Ok(ix) => {
+                eprintln!(
+                    "note: {} was made for λ = {}, not {lambda}; scoring without it (re-run `spintrak index --lambda {lambda}` to use one)",
+                    path.display(),
+                    ix.header.lambda
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("warning: {e:#}; scoring without the index");
+                None
+            }
+        }
+    }
+
+    /// `S` (row-major m × n) for query rows `g` (m × k), through the index when one fits.
+    pub fn scores(&self, g: &[f32], m: usize, lambda: f64) -> Result<Vec<f64>> {
+        if let Some(ix) = self.usable_index(lambda) {
+            let (s, sum) = scores_factored(g, m, self, &ix.factor(), true)?;
+            if sum == Some(ix.rows_checksum()?) {
+                return Ok(s);
+            }
+            eprintln!(
+                "warning: {} holds other numbers than {} was made from; scoring without the index (re-run `spintrak index`)",
+                self.name(),
+                ix.path.display()
+            );
+        }
+        Ok(scores_rows(g, m, self, lambda)?.0)
+    }
+}
+
+impl Rows for Training {
+    fn n(&self) -> usize {
+        self.records.len()
+    }
+
+    fn k(&self) -> usize {
+        self.k
+    }
+
+    fn block(&self, start: usize, len: usize) -> Cow<'_, [f32]> {
+        if let ([file], None) = (self.files.as_slice(), &self.selection) {
+            return Cow::Borrowed(&file.data()[start * self.k..(start + len) * self.k]);
+        }
+        let mut out = Vec::with_capacity(len * self.k);
+        for r in start..start + len {
+            out.extend_from_slice(self.row(self.selection.as_ref().map_or(r, |s| s[r])));
+        }
+        Cow::Owned(out)
+    }
+
+    fn name(&self) -> String {
+        let names: Vec<String> = self.files.iter().map(|f| f.path.display().to_string()).collect();
+        names.join(", ")
     }
 }
 
@@ -181,11 +278,11 @@ impl Ensemble {
             }
             queries.push((p, f));
         }
-        let mut groups: Vec<Vec<PathBuf>> = vec![Vec::new(); queries.len()];
+        let mut groups: Vec<Vec<Arc<MappedEmbeddings>>> = vec![Vec::new(); queries.len()];
         for p in training_paths {
-            let f = read_embeddings(p)?;
+            let f = map_embeddings(p)?;
             match queries.iter().position(|(_, q)| q.header.model.fingerprint == f.header.model.fingerprint) {
-                Some(i) => groups[i].push(p.clone()),
+                Some(i) => groups[i].push(f),
                 None if queries.len() == 1 => {
                     // One model: say what differs (fingerprint, objective, ...).
                     queries[0].1.header.check_compatible(
@@ -202,15 +299,15 @@ impl Ensemble {
             }
         }
         let mut trainings = Vec::with_capacity(queries.len());
-        for ((qp, q), paths) in queries.iter().zip(&groups) {
-            if paths.is_empty() {
+        for ((qp, q), files) in queries.iter().zip(groups) {
+            if files.is_empty() {
                 bail!(
                     "{}: no training file was made with its model (fingerprint {}); give one per model",
                     qp.display(),
                     q.header.model.fingerprint
                 );
             }
-            trainings.push(load_training(q, qp, paths)?);
+            trainings.push(load_training(q, qp, files)?);
         }
         let (q0, t0) = (&queries[0], &trainings[0]);
         for ((qp, q), t) in queries.iter().zip(&trainings).skip(1) {
@@ -264,7 +361,7 @@ impl Ensemble {
         let mut mean: Vec<f64> = Vec::new();
         for (q, t) in self.queries.iter().zip(&self.trainings) {
             let g: Vec<f32> = rows.iter().flat_map(|&i| q.row(i).iter().copied()).collect();
-            let (s, _) = scores(&g, rows.len(), &t.data, t.records.len(), q.k(), lambda)?;
+            let s = t.scores(&g, rows.len(), lambda)?;
             if mean.is_empty() {
                 mean = s;
             } else {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::config::{Case, ExperimentConfig};
-use crate::attribution::{embed, Example, Objective, ProjectorSpec};
+use crate::attribution::{embed_prepared, prepare_batch, Example, Objective, ProjectorSpec};
 use crate::audio::write_generated;
 use crate::musicgen::MusicGen;
 use crate::store::embedding_file::single_file;
@@ -120,19 +120,31 @@ pub fn case_done(
     }
 }
 
-/// Generates, embeds and saves one case (audio first; the embedding marks completion).
-pub fn run_case(
+/// Generates, embeds and saves a group of cases of one duration (generated together:
+/// one forward pass per decoding step for all); one result per case. Audio is written
+/// first; the embedding marks completion.
+pub fn run_cases(
     model: &MusicGen,
     objective: &dyn Objective,
     spec: &ProjectorSpec,
     layout: &RunLayout,
-    case: &Case,
-) -> Result<()> {
-    let example = Example::generated(&case.name, &case.prompt, case.duration, case.seed);
-    let (embedding, prepared, _) = embed(model, objective, spec, &example, None)?;
-    write_generated(model, &prepared.generation.frames, &layout.case_audio(case))?;
-    single_file(model, objective, spec, vec![(example.record(case.duration), embedding)])?
-        .write(&layout.case_embedding(case))
+    cases: &[&Case],
+) -> Vec<Result<()>> {
+    let examples: Vec<Example> =
+        cases.iter().map(|c| Example::generated(&c.name, &c.prompt, c.duration, c.seed)).collect();
+    let prepared = prepare_batch(objective, model, &examples, None);
+    cases
+        .iter()
+        .zip(examples)
+        .zip(prepared)
+        .map(|((case, example), prepared)| {
+            let (embedding, prepared, _) = embed_prepared(model, objective, spec, prepared?, None)
+                .map_err(|e| e.context(format!("embedding `{}`", example.name)))?;
+            write_generated(model, &prepared.generation.frames, &layout.case_audio(case))?;
+            single_file(model, objective, spec, vec![(example.record(case.duration), embedding)])?
+                .write(&layout.case_embedding(case))
+        })
+        .collect()
 }
 
 /// Joins the case files, in config order, into the aggregate file.

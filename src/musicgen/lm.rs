@@ -64,13 +64,17 @@ impl Attention {
     /// Attention of `q` over `k`, `v` (causal: the queries are the last positions of the
     /// keys), heads merged, output projection applied.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
-        let (b, _, s, _) = q.dims4()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention(q, k, v, scale, causal)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
-        Ok(linear(&out, &self.out, None)?)
+        Ok(linear(&self.mix(q, k, v, causal)?, &self.out, None)?)
     }
 
-    /// Causal self-attention; appends this call's keys/values to `cache`.
+    /// The attention-weighted values, heads joined again: `[B, S, H·hd]`, before the
+    /// output projection.
+    fn mix(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+        let (b, _, s, _) = q.dims4()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        Ok(attention(q, k, v, scale, causal)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?)
+    }
+
     fn self_attention(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let q = self.split(x, &self.q)?;
         let mut k = self.split(x, &self.k)?;
@@ -122,8 +126,22 @@ impl Layer {
                 let b = h.dim(0)?;
                 let normed = self.norm_cross.forward(&h.narrow(0, 0, n)?)?;
                 let q = self.cross_attn.split(&normed, &self.cross_attn.q)?;
-                let (k, v) = (&memory.k, &memory.v);
-                let c = self.cross_attn.attend(&q, k, v, false)?;
+                let c = match memory.parts.as_slice() {
+                    [(k, v)] => self.cross_attn.attend(&q, k, v, false)?,
+                    parts => {
+                        // Rows of several prompts (batched generation): each group of rows
+                        // attends to its own text, then one output projection for all, so
+                        // each row's numbers are those it gets when generated alone.
+                        let mut mixed = Vec::with_capacity(parts.len());
+                        let mut row = 0;
+                        for (k, v) in parts {
+                            let rows = k.dim(0)?;
+                            mixed.push(self.cross_attn.mix(&q.narrow(0, row, rows)?, k, v, false)?);
+                            row += rows;
+                        }
+                        linear(&Tensor::cat(&mixed, 0)?, &self.cross_attn.out, None)?
+                    }
+                };
                 let c = if b > n { c.pad_with_zeros(0, 0, b - n)? } else { c };
                 (h + c)?
             }
@@ -135,8 +153,9 @@ impl Layer {
 
 /// Per-layer keys and values of the conditioning memory.
 struct LayerMemory {
-    k: Tensor,
-    v: Tensor,
+    /// Keys and values of the text states: one pair for all conditioned rows, or one
+    /// per group of rows with its own prompt (their batch sizes sum to `n_cond`).
+    parts: Vec<(Tensor, Tensor)>,
     n_cond: usize,
 }
 
@@ -212,13 +231,31 @@ impl Lm {
             .iter()
             .map(|l| {
                 let (k, v) = l.cross_attn.memory(&states)?;
-                Ok(LayerMemory { k, v, n_cond })
+                Ok(LayerMemory { parts: vec![(k, v)], n_cond })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Conditioning { layers })
     }
 
     /// A cache for up to `capacity` positions (it grows if more are fed).
+    /// Conditioning of a batch of prompts: row `i < states.len()` attends to
+    /// `states[i]` (`[1, L_i, D]`; the prompts' lengths may differ), the rest get the
+    /// null condition.
+    pub fn conditioning_each(&self, states: &[Tensor]) -> Result<Conditioning> {
+        if let [one] = states {
+            return self.conditioning(one, 1);
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let parts = states.iter().map(|s| l.cross_attn.memory(s)).collect::<Result<Vec<_>>>()?;
+                Ok(LayerMemory { parts, n_cond: states.len() })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Conditioning { layers })
+    }
+
     pub fn new_cache(&self, capacity: usize) -> LmCache {
         LmCache { layers: (0..self.layers.len()).map(|_| KvCache::new(2, capacity.max(1))).collect(), len: 0 }
     }

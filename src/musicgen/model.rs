@@ -169,6 +169,22 @@ impl MusicGen {
         opts: &GenerateOptions,
         progress: Option<&ProgressBar>,
     ) -> Result<Generation> {
+        let mut one = self.generate_batch(&[prompt], duration, std::slice::from_ref(opts), progress)?;
+        one.pop().ok_or_else(|| anyhow::anyhow!("no generation"))
+    }
+
+    /// Generates several tracks of one duration together: each decoding step is one
+    /// forward pass over all of them, so the weights are read once per step for the
+    /// batch. Track `i` uses `prompts[i]` and `opts[i]` (which may differ only in the
+    /// sampling seed), and its codes are exactly those `generate` gives it alone: every
+    /// row goes through the same per-row arithmetic (see `gemv` and `Lm::conditioning_each`).
+    pub fn generate_batch(
+        &self,
+        prompts: &[&str],
+        duration: f64,
+        opts: &[GenerateOptions],
+        progress: Option<&ProgressBar>,
+    ) -> Result<Vec<Generation>> {
         if duration.is_nan() || duration <= 0.0 || !duration.is_finite() {
             bail!("the duration must be a positive number of seconds, got {duration}");
         }
@@ -178,21 +194,33 @@ impl MusicGen {
                 duration * self.cfg.frame_rate()
             );
         }
+        let Some(first) = opts.first() else { bail!("nothing to generate") };
+        if opts.len() != prompts.len() {
+            bail!("{} prompts with {} sets of options", prompts.len(), opts.len());
+        }
+        let same = |o: &GenerateOptions| {
+            o.guidance_scale == first.guidance_scale
+                && o.extend_stride == first.extend_stride
+                && Sampler { seed: first.sampler.seed, ..o.sampler.clone() } == first.sampler
+        };
+        if !opts.iter().all(same) {
+            bail!("a batch of generations shares its sampling settings (only the seeds may differ)");
+        }
         let total = self.frames_for(duration);
         if total == 0 {
             bail!("{duration} s is shorter than one frame ({} frames per second)", self.cfg.frame_rate());
         }
         let window = self.frames_for(self.cfg.generation.window_seconds).max(1);
-        let stride = (self.cfg.frame_rate() * opts.extend_stride).floor() as usize;
+        let stride = (self.cfg.frame_rate() * first.extend_stride).floor() as usize;
         if total > window && (stride == 0 || stride >= window) {
             bail!(
                 "the extend stride ({} s) must be positive and shorter than the model's window ({} s)",
-                opts.extend_stride,
+                first.extend_stride,
                 self.cfg.generation.window_seconds
             );
         }
-        let t5 = self.encode_text(prompt)?;
-        let states = self.lm.project_condition(&t5)?;
+        let states =
+            prompts.iter().map(|p| self.lm.project_condition(&self.encode_text(p)?)).collect::<Result<Vec<_>>>()?;
         let plan = plan_windows(total, window, stride);
         let pattern = self.pattern();
         if let Some(pb) = progress {
@@ -200,52 +228,69 @@ impl MusicGen {
                 plan.iter().map(|&(_, p, len)| pattern.num_steps(len) - pattern.first_step_after_prompt(p)).sum();
             pb.set_length(steps as u64);
         }
-        let guided = opts.guidance_scale != 1.0;
-        let cond = self.lm.conditioning(&states, 1)?;
-        let mut all: Vec<Vec<u32>> = vec![Vec::with_capacity(total); self.cfg.lm.n_q];
-        let mut windows = Vec::with_capacity(plan.len());
-        let mut prompt_frames: Vec<Vec<u32>> = vec![Vec::new(); self.cfg.lm.n_q];
+        let guided = first.guidance_scale != 1.0;
+        let cond = self.lm.conditioning_each(&states)?;
+        let n_q = self.cfg.lm.n_q;
+        let mut out: Vec<Generation> = prompts
+            .iter()
+            .map(|_| Generation {
+                frames: vec![Vec::with_capacity(total); n_q],
+                windows: Vec::with_capacity(plan.len()),
+            })
+            .collect();
+        let mut prompt_frames: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); n_q]; prompts.len()];
         for (wi, &(_, prompt_len, len)) in plan.iter().enumerate() {
             let frames = self.generate_window(&cond, guided, &prompt_frames, len, wi as u64, opts, progress)?;
-            for (k, row) in frames.iter().enumerate() {
-                all[k].extend_from_slice(&row[prompt_len..]);
+            for ((gen, frames), next) in out.iter_mut().zip(frames).zip(prompt_frames.iter_mut()) {
+                for (k, row) in frames.iter().enumerate() {
+                    gen.frames[k].extend_from_slice(&row[prompt_len..]);
+                }
+                // The next window is prompted with this one minus its first `stride` frames.
+                *next = frames.iter().map(|r| r[stride.min(r.len())..].to_vec()).collect();
+                gen.windows.push(Window { prompt_len, frames });
             }
-            windows.push(Window { prompt_len, frames: frames.clone() });
-            // The next window is prompted with this one minus its first `stride` frames.
-            prompt_frames = frames.iter().map(|r| r[stride.min(r.len())..].to_vec()).collect();
         }
-        Ok(Generation { frames: all, windows })
+        Ok(out)
     }
 
-    /// One window: `len` frames, the first `prompt` ones given.
+    /// One window of every track in the batch: `len` frames, the first `prompt[i]` ones
+    /// given. Rows of the forward pass: the tracks with their text, then (guided) the
+    /// same tracks with the null condition.
     #[allow(clippy::too_many_arguments)]
     fn generate_window(
         &self,
         cond: &super::lm::Conditioning,
         guided: bool,
-        prompt: &[Vec<u32>],
+        prompts: &[Vec<Vec<u32>>],
         len: usize,
         window_index: u64,
-        opts: &GenerateOptions,
+        opts: &[GenerateOptions],
         progress: Option<&ProgressBar>,
-    ) -> Result<Vec<Vec<u32>>> {
+    ) -> Result<Vec<Vec<Vec<u32>>>> {
         const UNKNOWN: u32 = u32::MAX;
         let pattern = self.pattern();
         let k_n = pattern.n_q();
-        let prompt_len = prompt.first().map_or(0, Vec::len);
+        let tracks = prompts.len();
+        let prompt_len = prompts.first().and_then(|p| p.first()).map_or(0, Vec::len);
         let s_len = pattern.num_steps(len);
-        // The step sequence: known prompt frames, special tokens where no frame exists.
-        let mut seq = vec![vec![UNKNOWN; s_len]; k_n];
-        for (k, row) in seq.iter_mut().enumerate() {
-            for (s, slot) in row.iter_mut().enumerate() {
-                *slot = match pattern.frame_at(k, s, len) {
-                    None => pattern.special,
-                    Some(t) if t < prompt_len => prompt[k][t],
-                    Some(_) => UNKNOWN,
-                };
-            }
-        }
-        let batch = if guided { 2 } else { 1 };
+        // Each track's step sequence: known prompt frames, special tokens where no frame exists.
+        let mut seqs: Vec<Vec<Vec<u32>>> = prompts
+            .iter()
+            .map(|prompt| {
+                (0..k_n)
+                    .map(|k| {
+                        (0..s_len)
+                            .map(|s| match pattern.frame_at(k, s, len) {
+                                None => pattern.special,
+                                Some(t) if t < prompt_len => prompt[k][t],
+                                Some(_) => UNKNOWN,
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let rows = if guided { 2 * tracks } else { tracks };
         let mut cache = self.lm.new_cache(s_len);
         let start = pattern.first_step_after_prompt(prompt_len);
         let mut prev = 0;
@@ -253,31 +298,33 @@ impl MusicGen {
         for offset in start..s_len {
             // Feed steps prev..offset (the whole prefix on the first call).
             let width = offset - prev;
-            let mut input = Vec::with_capacity(batch * k_n * width);
-            for _ in 0..batch {
-                for row in &seq {
+            let mut input = Vec::with_capacity(rows * k_n * width);
+            for r in 0..rows {
+                for row in &seqs[r % tracks] {
                     input.extend_from_slice(&row[prev..offset]);
                 }
             }
-            let input = Tensor::from_vec(input, (batch, k_n, width), &self.device)?;
-            let logits = self.lm.forward(&input, cond, Some(&mut cache))?; // [B, K, w, card]
-            let last = logits.narrow(2, width - 1, 1)?.squeeze(2)?; // [B, K, card]
-            let guided_logits = if guided {
-                let c = last.get(0)?;
-                let u = last.get(1)?;
-                (&u + ((c - &u)? * opts.guidance_scale)?)?
-            } else {
-                last.get(0)?
-            };
-            let rows: Vec<Vec<f32>> = guided_logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
-            for (k, row) in rows.iter().enumerate() {
-                debug_assert_eq!(row.len(), card);
-                if seq[k][offset] == UNKNOWN {
-                    seq[k][offset] = if pattern.frame_at(k, offset, len).is_some() {
-                        opts.sampler.sample(row, &[window_index, offset as u64, k as u64])
-                    } else {
-                        pattern.special
-                    };
+            let input = Tensor::from_vec(input, (rows, k_n, width), &self.device)?;
+            let logits = self.lm.forward(&input, cond, Some(&mut cache))?; // [rows, K, w, card]
+            let last = logits.narrow(2, width - 1, 1)?.squeeze(2)?; // [rows, K, card]
+            for (t, seq) in seqs.iter_mut().enumerate() {
+                let guided_logits = if guided {
+                    let c = last.get(t)?;
+                    let u = last.get(tracks + t)?;
+                    (&u + ((c - &u)? * opts[t].guidance_scale)?)?
+                } else {
+                    last.get(t)?
+                };
+                let logit_rows: Vec<Vec<f32>> = guided_logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+                for (k, row) in logit_rows.iter().enumerate() {
+                    debug_assert_eq!(row.len(), card);
+                    if seq[k][offset] == UNKNOWN {
+                        seq[k][offset] = if pattern.frame_at(k, offset, len).is_some() {
+                            opts[t].sampler.sample(row, &[window_index, offset as u64, k as u64])
+                        } else {
+                            pattern.special
+                        };
+                    }
                 }
             }
             prev = offset;
@@ -285,7 +332,7 @@ impl MusicGen {
                 pb.inc(1);
             }
         }
-        Ok(pattern.revert(&seq, len))
+        Ok(seqs.iter().map(|seq| pattern.revert(seq, len)).collect())
     }
 
     /// Decodes frames `[K][T]` into audio `[channels, samples]` (before loudness normalisation).

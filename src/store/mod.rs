@@ -1,6 +1,7 @@
 //! What spintrak writes to disk.
 
 pub mod embedding_file;
+pub mod index;
 pub mod merge;
 pub mod run_state;
 
