@@ -20,8 +20,10 @@ pub enum ProjectorKind {
     Normal,
     /// Dense ±1/√k. Cost O(D·k), cheaper per entry than `normal`.
     Rademacher,
-    /// Sparse JL (block CountSketch): each coordinate lands in `s` rows, one per block
-    /// of k/s rows, with sign ±1/√s. Cost O(D·s): the CPU default.
+    /// Sparse, in two stages (projector version 2): a CountSketch of the D coordinates
+    /// into M ≥ 8k buckets (each coordinate added with a random sign to one bucket), then
+    /// the block sparse JL of the M buckets to k (each bucket in `s` rows, one per block
+    /// of k/s rows, sign ±1/√s). Cost O(D) plus O(M·s): the CPU default.
     Sparse,
     /// No projection: the raw gradient (k = D), for small models and debugging.
     Identity,
@@ -38,6 +40,24 @@ pub struct ProjectorSpec {
     pub d: usize,
     /// Non-zeros per column of the sparse projection.
     pub sparsity: usize,
+    /// Which definition of the matrix (files of another version are refused, not mixed):
+    /// 1 for headers that predate the field.
+    #[serde(default = "first_version")]
+    pub version: u32,
+}
+
+fn first_version() -> u32 {
+    1
+}
+
+/// The version of each kind's matrix this build computes. Sparse is 2: version 1 put
+/// every coordinate straight into `s` rows (two hashes and `s` scattered additions per
+/// coordinate: about 2% of memory bandwidth).
+pub fn current_version(kind: ProjectorKind) -> u32 {
+    match kind {
+        ProjectorKind::Sparse => 2,
+        _ => 1,
+    }
 }
 
 /// `JL(n, eps) = 4 ln n / (eps²/2 − eps³/3)`.
@@ -81,12 +101,175 @@ impl ProjectorSpec {
                 );
             }
         }
-        Ok(Self { kind, seed, k, d, sparsity })
+        Ok(Self { kind, seed, k, d, sparsity, version: current_version(kind) })
     }
 
     /// A fresh accumulator for one example.
     pub fn start(&self) -> Projection {
-        Projection { spec: self.clone(), acc: vec![0.0; self.k], next: 0, added: 0 }
+        let sketch = match self.kind {
+            ProjectorKind::Sparse => Some(Sketch::new(self)),
+            _ => None,
+        };
+        Projection { spec: self.clone(), acc: vec![0.0; self.k], next: 0, added: 0, sketch }
+    }
+}
+
+/// Coordinates per span of the sparse projection's first stage: spans (aligned on
+/// global indices) are summed on their own (in f32, about four coordinates per bucket),
+/// in parallel, then added into the f64 buckets in index order, so the result does not
+/// depend on the thread count or on how the gradient is cut.
+const SPAN: usize = 1 << 18;
+
+/// The first stage of the sparse projection: `M` buckets, and the span in progress.
+struct Sketch {
+    bits: u32,
+    key: u32,
+    buckets: Vec<f64>,
+    /// The partial sums of the span being filled, and the next index it expects.
+    open: Vec<f32>,
+    open_next: Option<usize>,
+    /// Reused partial sums of whole spans summed in parallel.
+    partials: Vec<Vec<f32>>,
+}
+
+impl Sketch {
+    fn new(spec: &ProjectorSpec) -> Self {
+        let m = (8 * spec.k).next_power_of_two().max(1 << 16);
+        let key = (mix64(spec.seed ^ 0x434F_554E_5453) >> 32) as u32; // "COUNTS"
+        Self {
+            bits: m.trailing_zeros(),
+            key,
+            buckets: vec![0.0; m],
+            open: vec![0.0; m],
+            open_next: None,
+            partials: Vec::new(),
+        }
+    }
+
+    /// Adds coordinates `first..first+values.len()`.
+    fn add(&mut self, first: usize, values: &[f32]) {
+        let (bits, key) = (self.bits, self.key);
+        let mut first = first;
+        let mut values = values;
+        // A span already open continues only with its next index; otherwise it is closed.
+        if self.open_next.is_some_and(|n| n != first) {
+            self.close();
+        }
+        // Head: the rest of a span begun here or in an earlier call.
+        if !first.is_multiple_of(SPAN) || values.len() < SPAN {
+            let len = (SPAN - first % SPAN).min(values.len());
+            sketch_span(bits, key, first, &values[..len], &mut self.open);
+            self.open_next = Some(first + len);
+            if (first + len).is_multiple_of(SPAN) {
+                self.close();
+            }
+            first += len;
+            values = &values[len..];
+        }
+        // Whole spans, a few per thread at a time, added in index order.
+        let whole = values.len() / SPAN * SPAN;
+        let m = self.buckets.len();
+        let batch = 2 * rayon::current_num_threads().max(1);
+        for (g, group) in values[..whole].chunks(batch * SPAN).enumerate() {
+            let spans = group.len() / SPAN;
+            while self.partials.len() < spans {
+                self.partials.push(vec![0f32; m]);
+            }
+            let start = first + g * batch * SPAN;
+            self.partials[..spans].par_iter_mut().zip(group.par_chunks(SPAN)).enumerate().for_each(
+                |(i, (acc, span))| {
+                    // (Zeroed by the merge below, or fresh.)
+                    sketch_span(bits, key, start + i * SPAN, span, acc);
+                },
+            );
+            // Each bucket adds the spans in index order, and leaves them zeroed for reuse.
+            let mut slices: Vec<std::slice::ChunksMut<f32>> =
+                self.partials[..spans].iter_mut().map(|p| p.chunks_mut(4096)).collect();
+            let jobs: Vec<(&mut [f64], Vec<&mut [f32]>)> = self
+                .buckets
+                .chunks_mut(4096)
+                .map(|out| (out, slices.iter_mut().filter_map(Iterator::next).collect()))
+                .collect();
+            jobs.into_par_iter().for_each(|(out, parts)| {
+                for p in parts {
+                    for (o, x) in out.iter_mut().zip(p.iter_mut()) {
+                        *o += *x as f64;
+                        *x = 0.0;
+                    }
+                }
+            });
+        }
+        // Tail: a span to be continued.
+        if whole < values.len() {
+            sketch_span(bits, key, first + whole, &values[whole..], &mut self.open);
+            self.open_next = Some(first + values.len());
+        }
+    }
+
+    /// Adds the open span's sums to the buckets.
+    fn close(&mut self) {
+        if self.open_next.take().is_some() {
+            for (b, o) in self.buckets.iter_mut().zip(self.open.iter_mut()) {
+                *b += *o as f64;
+                *o = 0.0;
+            }
+        }
+    }
+}
+
+/// The first-stage key of the coordinates `i` with `i / 2³²` = `hi`: coordinate `i`'s
+/// hash is `fmix32((i mod 2³²) ^ span_key(key, hi))` (murmur3's 32-bit finaliser), its
+/// bucket the top `bits` bits, its sign the next bit.
+#[inline(always)]
+fn span_key(key: u32, hi: u32) -> u32 {
+    key ^ fmix32(hi.wrapping_mul(0x9E37_79B9) ^ key.rotate_left(16))
+}
+
+#[inline(always)]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
+/// Adds coordinates `first..` of one span (which never crosses a multiple of 2³²) into
+/// `acc`, in index order.
+fn sketch_span(bits: u32, key: u32, first: usize, values: &[f32], acc: &mut [f32]) {
+    let k1 = span_key(key, (first >> 32) as u32);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU reports AVX2.
+        return unsafe { sketch_span_avx2(bits, k1, first as u32, values, acc) };
+    }
+    sketch_span_portable(bits, k1, first as u32, values, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sketch_span_avx2(bits: u32, k1: u32, first: u32, values: &[f32], acc: &mut [f32]) {
+    sketch_span_portable(bits, k1, first, values, acc)
+}
+
+/// Hashes a batch of coordinates (a loop the compiler vectorises), then adds them (the
+/// scattered additions, one per coordinate). Integer hashing and sign flips are exact,
+/// so every instruction set gives the same bits.
+#[inline(always)]
+fn sketch_span_portable(bits: u32, k1: u32, first: u32, values: &[f32], acc: &mut [f32]) {
+    const BATCH: usize = 256;
+    let mut rows = [0u32; BATCH];
+    let mut signed = [0f32; BATCH];
+    for (c, chunk) in values.chunks(BATCH).enumerate() {
+        let base = first.wrapping_add((c * BATCH) as u32);
+        for (t, ((row, s), &v)) in rows.iter_mut().zip(signed.iter_mut()).zip(chunk).enumerate() {
+            let h = fmix32(base.wrapping_add(t as u32) ^ k1);
+            *row = h >> (32 - bits);
+            *s = f32::from_bits(v.to_bits() ^ (((h >> (31 - bits)) & 1) << 31));
+        }
+        for (&row, &s) in rows.iter().zip(&signed).take(chunk.len()) {
+            acc[row as usize] += s;
+        }
     }
 }
 
@@ -101,6 +284,8 @@ pub struct Projection {
     next: usize,
     /// Entries given through `add` (any order; a range may come several times).
     added: usize,
+    /// The sparse projection's first stage.
+    sketch: Option<Sketch>,
 }
 
 impl Projection {
@@ -122,6 +307,14 @@ impl Projection {
     pub fn add(&mut self, offset: usize, values: &[f32]) -> Result<()> {
         if offset + values.len() > self.spec.d {
             bail!("gradient longer than the projector's D = {}", self.spec.d);
+        }
+        if self.spec.version != current_version(self.spec.kind) {
+            bail!(
+                "the {:?} projection of version {} is not computed by this build (version {}); re-embed with this build",
+                self.spec.kind,
+                self.spec.version,
+                current_version(self.spec.kind)
+            );
         }
         self.added += values.len();
         let seed = self.spec.seed;
@@ -156,21 +349,9 @@ impl Projection {
                 });
             }
             ProjectorKind::Sparse => {
-                let block = self.spec.k / self.spec.sparsity;
-                let key = mix64(seed ^ 0x5350_4152_5345); // "SPARSE"
-
-                // One 64-bit hash per (coordinate, group of four blocks): 16 bits per block,
-                // 15 for the row within the block and 1 for the sign. Threads take groups.
-                self.acc.par_chunks_mut(4 * block).enumerate().for_each(|(group, rows)| {
-                    // `(index << 16) | group` hashed under `key` = `index << 16` under `key ^ group`.
-                    let (key, first) = (key ^ group as u64, offset as u64);
-                    match rows.len() / block {
-                        4 => sparse_group::<4>(rows, block, key, first, values),
-                        3 => sparse_group::<3>(rows, block, key, first, values),
-                        2 => sparse_group::<2>(rows, block, key, first, values),
-                        _ => sparse_group::<1>(rows, block, key, first, values),
-                    }
-                });
+                if let Some(sketch) = self.sketch.as_mut() {
+                    sketch.add(offset, values);
+                }
             }
         }
         Ok(())
@@ -192,7 +373,23 @@ impl Projection {
         self.scaled()
     }
 
-    fn scaled(self) -> Result<Vec<f32>> {
+    fn scaled(mut self) -> Result<Vec<f32>> {
+        if let Some(mut sketch) = self.sketch.take() {
+            // Second stage: the block sparse JL of the M buckets to k rows.
+            sketch.close();
+            let block = self.spec.k / self.spec.sparsity;
+            let key = mix64(self.spec.seed ^ 0x5350_4152_5345); // "SPARSE"
+            self.acc.par_chunks_mut(4 * block).enumerate().for_each(|(group, rows)| {
+                let key = key ^ group as u64;
+                let b = &sketch.buckets;
+                match rows.len() / block {
+                    4 => sparse_group::<4>(rows, block, key, 0, b),
+                    3 => sparse_group::<3>(rows, block, key, 0, b),
+                    2 => sparse_group::<2>(rows, block, key, 0, b),
+                    _ => sparse_group::<1>(rows, block, key, 0, b),
+                }
+            });
+        }
         let scale = match self.spec.kind {
             ProjectorKind::Identity => 1.0,
             ProjectorKind::Normal | ProjectorKind::Rademacher => 1.0 / (self.spec.k as f64).sqrt(),
@@ -250,10 +447,11 @@ pub fn project_all(spec: &ProjectorSpec, grads: &[Vec<f32>]) -> Result<Vec<Vec<f
     Ok((0..e).map(|i| blocks.iter().flat_map(|b| b[i].iter().map(|&a| (a * scale) as f32)).collect()).collect())
 }
 
-/// Adds the coordinates `values` (global indices from `first`) into the `N` blocks of
-/// `block` rows that make up `rows`. `key` already carries the group index (low 16 bits).
-/// `N` is a constant so that the per-block work unrolls.
-fn sparse_group<const N: usize>(rows: &mut [f64], block: usize, key: u64, first: u64, values: &[f32]) {
+/// Adds the entries `values` (indices from `first`) into the `N` blocks of `block` rows
+/// that make up `rows`, each entry into one row per block, chosen with its sign by 16
+/// bits of `mix64(key ^ (index << 16))`. `key` already carries the group index (low 16
+/// bits). `N` is a constant so that the per-block work unrolls.
+fn sparse_group<const N: usize>(rows: &mut [f64], block: usize, key: u64, first: u64, values: &[f64]) {
     debug_assert_eq!(rows.len(), N * block);
     let mut parts: [&mut [f64]; N] = std::array::from_fn(|_| &mut [][..]);
     let mut rest = rows;
@@ -265,7 +463,7 @@ fn sparse_group<const N: usize>(rows: &mut [f64], block: usize, key: u64, first:
     let block = block as u64;
     for (j, &v) in values.iter().enumerate() {
         let h = mix64(key ^ ((first + j as u64) << 16));
-        let v = (v as f64).to_bits();
+        let v = v.to_bits();
         for (b, part) in parts.iter_mut().enumerate() {
             let field = (h >> (16 * b)) & 0xFFFF;
             // (field >> 1) < 2¹⁵, so the row is below `block`.
@@ -346,28 +544,62 @@ mod tests {
 
     #[test]
     fn sparse_matrix_is_the_documented_one() {
-        // Entry by entry: coordinate i lands in one row of each of the s blocks, chosen with
-        // its sign by 16 bits of mix64(key ^ (i << 16 | group)), groups of four blocks per hash.
+        // Entry by entry, written out from the definition: coordinate i goes with sign ±1
+        // into bucket (top bits of fmix32((i mod 2³²) ^ key ^ fold(i / 2³²))) of M; bucket
+        // b goes into one row of each of the s blocks, chosen with its sign by 16 bits of
+        // mix64(key' ^ (b << 16 | group)), groups of four blocks per hash; scale 1/√s.
         let d = 300;
         let v = vector(6, d);
         for sparsity in [8, 6, 3] {
             let k = 24 * sparsity;
             let block = k / sparsity;
             let spec = ProjectorSpec::new(ProjectorKind::Sparse, 11, Some(k), d, sparsity).unwrap();
-            let key = mix64(11 ^ 0x5350_4152_5345);
-            let mut acc = vec![0f64; k];
+            assert_eq!(spec.version, 2);
+            let m = 1usize << 16;
+            let key1 = (mix64(11 ^ 0x434F_554E_5453) >> 32) as u32;
+            let mut buckets = vec![0f64; m];
             for (i, &x) in v.iter().enumerate() {
+                let h = fmix32(i as u32 ^ key1 ^ fmix32(key1.rotate_left(16)));
+                let sign: f32 = if (h >> 15) & 1 == 1 { -1.0 } else { 1.0 };
+                // (One span: its f32 sums are the buckets.)
+                buckets[(h >> 16) as usize] = (buckets[(h >> 16) as usize] as f32 + sign * x) as f64;
+            }
+            let key2 = mix64(11 ^ 0x5350_4152_5345);
+            let mut acc = vec![0f64; k];
+            for (b, &x) in buckets.iter().enumerate() {
                 for t in 0..sparsity {
-                    let (group, b) = (t / 4, t % 4);
-                    let h = mix64(key ^ ((i as u64) << 16 | group as u64));
-                    let field = (h >> (16 * b)) & 0xFFFF;
+                    let (group, q) = (t / 4, t % 4);
+                    let h = mix64(key2 ^ ((b as u64) << 16 | group as u64));
+                    let field = (h >> (16 * q)) & 0xFFFF;
                     let row = t * block + (((field >> 1) as usize * block) >> 15);
-                    acc[row] += if field & 1 == 1 { x as f64 } else { -(x as f64) };
+                    acc[row] += if field & 1 == 1 { x } else { -x };
                 }
             }
             let want: Vec<f32> = acc.iter().map(|a| (a / (sparsity as f64).sqrt()) as f32).collect();
             assert_eq!(project(&spec, &v, 97), want, "sparsity {sparsity}");
         }
+    }
+
+    #[test]
+    fn spans_chunking_and_threads_do_not_change_bits() {
+        // Longer than two spans, cut on and off span boundaries.
+        let d = 2 * SPAN + 12_345;
+        let v = vector(8, d);
+        let spec = ProjectorSpec::new(ProjectorKind::Sparse, 3, Some(1024), d, 8).unwrap();
+        let a = project(&spec, &v, d);
+        for chunk in [SPAN, SPAN + 1, 333_333, 4096 + 7] {
+            assert_eq!(project(&spec, &v, chunk), a, "chunks of {chunk}");
+        }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        assert_eq!(pool.install(|| project(&spec, &v, 1 << 19)), a, "one thread");
+        // Version 1 files are told apart and not extended.
+        let old = ProjectorSpec { version: 1, ..spec.clone() };
+        assert!(format!("{:#}", old.start().update(0, &v[..10]).unwrap_err()).contains("version 1"));
+        let old_json = serde_json::to_value(&spec).unwrap().as_object().unwrap().clone();
+        let mut without = old_json.clone();
+        without.remove("version");
+        let parsed: ProjectorSpec = serde_json::from_value(serde_json::Value::Object(without)).unwrap();
+        assert_eq!(parsed.version, 1, "headers without the field are version 1");
     }
 
     #[test]

@@ -88,6 +88,7 @@ impl Header {
         differ("projector k", self.projector.k.to_string(), other.projector.k.to_string())?;
         differ("projector D", self.projector.d.to_string(), other.projector.d.to_string())?;
         differ("projector sparsity", self.projector.sparsity.to_string(), other.projector.sparsity.to_string())?;
+        differ("projector version", self.projector.version.to_string(), other.projector.version.to_string())?;
         Ok(())
     }
 }
