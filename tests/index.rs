@@ -15,11 +15,15 @@ fn spintrak(args: &[&str]) -> Output {
 }
 
 fn file(rows: usize, k: usize, seed: u64, prefix: &str) -> EmbeddingFile {
+    file_of(rows, k, seed, prefix, 2.0)
+}
+
+fn file_of(rows: usize, k: usize, seed: u64, prefix: &str, duration: f64) -> EmbeddingFile {
     let records = (0..rows)
         .map(|i| Record {
             name: format!("{prefix}{i}"),
             prompt: format!("song {i}"),
-            duration: 2.0,
+            duration,
             seed: i as u64,
             source: None,
             offset: Some(0.0),
@@ -144,4 +148,33 @@ fn index_never_replaces_a_file_that_is_not_an_index() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("notes.bin"));
     assert!(!dir.path().join("notes.bin.index").exists());
+}
+
+#[test]
+fn experiment_1_uses_the_index_of_each_durations_file() {
+    use spintrak::experiments::results::Ensemble;
+    let dir = tempfile::tempdir().unwrap();
+    let (t2, t5, q) = (dir.path().join("t2.bin"), dir.path().join("t5.bin"), dir.path().join("q.bin"));
+    file_of(30, 8, 1, "a", 2.0).write(&t2).unwrap();
+    file_of(25, 8, 2, "b", 5.0).write(&t5).unwrap();
+    file(2, 8, 3, "q").write(&q).unwrap();
+    let scores = |d: f64| {
+        let e = Ensemble::load(std::slice::from_ref(&q), &[t2.clone(), t5.clone()]).unwrap();
+        e.with_duration(d).scores(&[0, 1], 10.0).unwrap()
+    };
+    let (plain2, plain5) = (scores(2.0), scores(5.0));
+    assert_eq!(plain2.len(), 2 * 30);
+    for t in [&t2, &t5] {
+        let out = spintrak(&["index", t.to_str().unwrap(), "--lambda", "10", "--quiet"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rel = |a: &[f64], b: &[f64], f: f64| {
+        let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+        a.iter().zip(b).map(|(x, y)| (x - f * y).abs() / scale).fold(0.0, f64::max)
+    };
+    assert!(rel(&scores(2.0), &plain2, 1.0) < 1e-10);
+    // The 5 s file's factor scaled: only the 5 s scores change, by the factor's square.
+    tamper(&dir.path().join("t5.bin.index"), 2.0);
+    assert!(rel(&scores(5.0), &plain5, 0.25) < 1e-10, "the 5 s file's index was not used");
+    assert!(rel(&scores(2.0), &plain2, 1.0) < 1e-10);
 }

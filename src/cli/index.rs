@@ -16,13 +16,13 @@ use crate::store::index::build;
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   spintrak index training_gradients_30.bin                # writes training_gradients_30.bin.index (λ = 1)
-  spintrak index training_gradients_30.bin --lambda 10    # experiment 1's λ
+  spintrak index training_gradients_10.bin --lambda 10    # experiment 1's λ, one index per duration's file
   spintrak score query.bin training_gradients_30.bin      # uses the index: same scores, one pass over Φ
 
 The index records the training file's header hash, its rows' checksum and λ; a command
 that scores with another λ, or against a training file changed since, ignores it (and
-says so). It is made for one training file; several files on a command line, or a
-subset of rows (experiment 1's per-duration tables), are scored without it.")]
+says so). It is made for one training file: experiment 1's per-duration tables use the
+index of each duration's file; rows gathered from several files are scored without one.")]
 pub struct Index {
     /// The training embedding file.
     pub training: PathBuf,

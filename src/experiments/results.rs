@@ -151,12 +151,22 @@ impl Training {
             None => (0..self.records.len()).collect(),
         };
         let keep: Vec<usize> = (0..self.records.len()).filter(|&i| self.records[i].duration == d).collect();
+        let selection: Vec<usize> = keep.iter().map(|&i| all[i]).collect();
+        let records: Vec<Record> = keep.iter().map(|&i| self.records[i].clone()).collect();
+        // Exactly one file's rows (experiment 1 has a training file per duration): that
+        // file alone, so that its index can answer.
+        for (f, file) in self.files.iter().enumerate() {
+            let whole: Vec<usize> = (self.starts[f]..self.starts[f] + file.rows()).collect();
+            if selection == whole {
+                return Training { records, k: self.k, files: vec![file.clone()], starts: vec![0], selection: None };
+            }
+        }
         Training {
-            records: keep.iter().map(|&i| self.records[i].clone()).collect(),
+            records,
             k: self.k,
             files: self.files.clone(),
             starts: self.starts.clone(),
-            selection: Some(keep.iter().map(|&i| all[i]).collect()),
+            selection: Some(selection),
         }
     }
 
