@@ -8,6 +8,7 @@
 //! from above), so only one layer's graph is alive at a time. Each parameter's gradient
 //! is projected and dropped as soon as its part is done.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
@@ -155,9 +156,9 @@ fn take_param_grads(
 
 /// Gradient of one LM piece by layer-wise recomputation: a forward pass without a graph
 /// keeps only each layer's input; then, from the head down, each layer is re-run on its
-/// saved input and differentiated against the gradient arriving from above. Peak memory
-/// is one layer's graph instead of the whole network's (Candle's backward keeps every
-/// intermediate gradient until it returns).
+/// saved input and differentiated by hand against the gradient arriving from above
+/// (`Lm::layer_backward`). Peak memory is one layer's intermediates instead of the whole
+/// network's.
 /// Where the LM's per-parameter gradients go (by index into `params`), and the bar that
 /// counts layers done.
 struct LayerSink<'a> {
@@ -194,23 +195,23 @@ fn lm_part_gradients(
         grads.remove(top.as_tensor()).ok_or_else(|| anyhow!("no gradient reached the LM output"))?.detach();
     take_param_grads(&mut grads, params, take)?;
     drop(grads);
-    // Layers, top to bottom.
+    // Layers, top to bottom, each differentiated by hand (`Lm::layer_backward`).
+    let index: HashMap<&str, usize> = params.iter().enumerate().map(|(i, (name, _))| (name.as_str(), i)).collect();
     let mut d_states: Option<Tensor> = None;
-    for i in (0..lm.num_layers()).rev() {
-        let input = Var::from_tensor(&inputs[i])?;
-        let memory = Var::from_tensor(&states)?;
-        let cond = lm.conditioning(memory.as_tensor(), n_cond)?;
-        let out = lm.layer(i, input.as_tensor(), &cond)?;
-        let mut grads = (out * &upstream)?.sum_all()?.backward()?;
-        upstream =
-            grads.remove(input.as_tensor()).ok_or_else(|| anyhow!("no gradient reached layer {i}'s input"))?.detach();
-        if let Some(g) = grads.remove(memory.as_tensor()).map(|g| g.detach()) {
+    for i in (0..plain.num_layers()).rev() {
+        let grads = plain.layer_backward(i, &inputs[i], &states, n_cond, &upstream)?;
+        upstream = grads.input;
+        if let Some(g) = grads.states {
             d_states = Some(match d_states {
                 None => g,
                 Some(a) => (a + g)?,
             });
         }
-        take_param_grads(&mut grads, params, take)?;
+        for (suffix, g) in grads.params {
+            let name = format!("transformer.layers.{i}.{suffix}");
+            let &p = index.get(name.as_str()).ok_or_else(|| missing(&name))?;
+            take(p, g)?;
+        }
         tick();
     }
     // Embeddings, then the conditioning projection.

@@ -74,6 +74,52 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, block: 
     Tensor::cat(&outs, 2)
 }
 
+/// Gradients of `attention(q, k, v, scale, causal)` against `d_out` (`[B, H, Sq, hd]`),
+/// without a graph: `(dq, dk, dv)`. Per block of query rows, with `P` recomputed:
+/// `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − rowsum(dP ⊙ P))`, `dQ = dS·K·scale`,
+/// `dK += dSᵀ·Q·scale`.
+pub fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+    d_out: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward_in_blocks(q, k, v, scale, causal, d_out, BLOCK)
+}
+
+fn backward_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+    d_out: &Tensor,
+    block: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (sq, skv) = (q.dim(2)?, k.dim(2)?);
+    let mut dq = Vec::new();
+    let mut dk = k.zeros_like()?;
+    let mut dv = v.zeros_like()?;
+    for (start, len, visible) in blocks(sq, skv, causal, block) {
+        let q_block = q.narrow(2, start, len)?;
+        let (keys, values) = (k.narrow(2, 0, visible)?, v.narrow(2, 0, visible)?);
+        let p = probabilities(&q_block, &keys, scale, causal)?;
+        let d_o = d_out.narrow(2, start, len)?;
+        let dv_part = p.t()?.matmul(&d_o)?;
+        let dp = d_o.matmul(&values.t()?)?;
+        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+        dq.push((ds.matmul(&keys)? * scale)?);
+        let dk_part = (ds.t()?.matmul(&q_block)? * scale)?;
+        let pad = skv - visible;
+        dk = (dk + dk_part.pad_with_zeros(2, 0, pad)?)?;
+        dv = (dv + dv_part.pad_with_zeros(2, 0, pad)?)?;
+    }
+    let dq = if dq.len() == 1 { dq.pop().expect("one block") } else { Tensor::cat(&dq, 2)? };
+    Ok((dq, dk, dv))
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "blocked-attention"
@@ -93,9 +139,7 @@ impl CustomOp3 for Attention {
         Ok((cpu_storage(&out)?, out.shape().clone()))
     }
 
-    /// Per block, with `P` recomputed: `dV += Pᵀ·dO`, `dP = dO·Vᵀ`,
-    /// `dS = P ⊙ (dP − rowsum(dP ⊙ P))`, `dQ = dS·K·scale`, `dK += dSᵀ·Q·scale`.
-    /// Everything is detached: nothing here is recorded into a graph.
+    /// See `backward`. Everything is detached: nothing here is recorded into a graph.
     fn bwd(
         &self,
         q: &Tensor,
@@ -105,25 +149,7 @@ impl CustomOp3 for Attention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, d_out) = (q.detach(), k.detach(), v.detach(), grad.detach());
-        let (sq, skv) = (q.dim(2)?, k.dim(2)?);
-        let mut dq = Vec::new();
-        let mut dk = k.zeros_like()?;
-        let mut dv = v.zeros_like()?;
-        for (start, len, visible) in blocks(sq, skv, self.causal, self.block) {
-            let q_block = q.narrow(2, start, len)?;
-            let (keys, values) = (k.narrow(2, 0, visible)?, v.narrow(2, 0, visible)?);
-            let p = probabilities(&q_block, &keys, self.scale, self.causal)?;
-            let d_o = d_out.narrow(2, start, len)?;
-            let dv_part = p.t()?.matmul(&d_o)?;
-            let dp = d_o.matmul(&values.t()?)?;
-            let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-            dq.push((ds.matmul(&keys)? * self.scale)?);
-            let dk_part = (ds.t()?.matmul(&q_block)? * self.scale)?;
-            let pad = skv - visible;
-            dk = (dk + dk_part.pad_with_zeros(2, 0, pad)?)?;
-            dv = (dv + dv_part.pad_with_zeros(2, 0, pad)?)?;
-        }
-        let dq = if dq.len() == 1 { dq.pop().expect("one block") } else { Tensor::cat(&dq, 2)? };
+        let (dq, dk, dv) = backward_in_blocks(&q, &k, &v, self.scale, self.causal, &d_out, self.block)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

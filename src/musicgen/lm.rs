@@ -7,7 +7,7 @@
 //! onto it (q/k/v are concatenated into `in_proj_weight`).
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 
 use super::attention::attention;
@@ -29,6 +29,59 @@ impl Norm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(layer_norm(x, &self.weight, Some(&self.bias), self.eps)?)
     }
+
+    /// The same output as `forward` (the same operations), with what the backward
+    /// needs: the normalised input x̂ and 1/σ per row.
+    fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, NormSaved)> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let std = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
+        let x_hat = centered.broadcast_div(&std)?;
+        let y = x_hat.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?;
+        Ok((y, NormSaved { x_hat, inv_std: std.recip()? }))
+    }
+
+    /// `(dx, dweight, dbias)` of `y = x̂·w + b`, x̂ = (x − μ)/σ:
+    /// `dx = (dx̂ − mean(dx̂) − x̂·mean(dx̂ ⊙ x̂)) / σ` with `dx̂ = dy·w`.
+    fn backward(&self, saved: &NormSaved, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let NormSaved { x_hat, inv_std } = saved;
+        let (dy_rows, x_hat_rows) = (rows(dy)?, rows(x_hat)?);
+        let d_weight = (&dy_rows * &x_hat_rows)?.sum(0)?;
+        let d_bias = dy_rows.sum(0)?;
+        let dx_hat = dy.broadcast_mul(&self.weight)?;
+        let mean = dx_hat.mean_keepdim(D::Minus1)?;
+        let mean_x = (&dx_hat * x_hat)?.mean_keepdim(D::Minus1)?;
+        let dx = (dx_hat.broadcast_sub(&mean)? - x_hat.broadcast_mul(&mean_x)?)?.broadcast_mul(inv_std)?;
+        Ok((dx, d_weight, d_bias))
+    }
+}
+
+/// What a layer norm's backward needs from its forward.
+struct NormSaved {
+    x_hat: Tensor,
+    inv_std: Tensor,
+}
+
+/// `[..., n]` -> `[rows, n]`.
+fn rows(x: &Tensor) -> Result<Tensor> {
+    let n = x.dim(D::Minus1)?;
+    Ok(x.reshape((x.elem_count() / n.max(1), n))?)
+}
+
+/// Backward of `y = x·Wᵀ` (`linear` without bias): `(dx, dW)` with `dx = dy·W`,
+/// `dW = dyᵀ·x` summed over every row.
+fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dy_rows = rows(dy)?;
+    let dw = dy_rows.t()?.matmul(&rows(x)?)?;
+    let dx = dy_rows.matmul(w)?.reshape(x.shape())?;
+    Ok((dx, dw))
+}
+
+/// d gelu(u)/du for the erf form: Φ(u) + u·φ(u).
+fn gelu_erf_derivative(u: &Tensor) -> Result<Tensor> {
+    let cdf = ((u * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+    let pdf = ((u.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+    Ok((cdf? + (u * pdf)?)?)
 }
 
 /// Multi-head attention with a packed `in_proj_weight` ([q; k; v], no biases).
@@ -73,6 +126,32 @@ impl Attention {
         let (b, _, s, _) = q.dims4()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         Ok(attention(q, k, v, scale, causal)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?)
+    }
+
+    /// `[B, S, H·hd]` -> `[B, H, S, hd]`: the head split of a projection's output,
+    /// used on gradients.
+    fn heads_of(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        Ok(x.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// `[B, H, S, hd]` -> `[B, S, H·hd]`, heads joined (the inverse of `heads_of`).
+    fn join_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, s, _) = x.dims4()?;
+        Ok(x.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?)
+    }
+
+    /// Gradients of `mix(q, k, v, causal)` against `d_mixed` (`[B, S, H·hd]`), each
+    /// with its heads joined: `[B, S, H·hd]` (q) and `[B, Skv, H·hd]` (k, v).
+    fn mix_backward(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        causal: bool,
+        d_mixed: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let (dq, dk, dv) = super::attention::backward(q, k, v, scale, causal, &self.heads_of(d_mixed)?)?;
+        Ok((self.join_heads(&dq)?, self.join_heads(&dk)?, self.join_heads(&dv)?))
     }
 
     fn self_attention(&self, x: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
@@ -149,6 +228,118 @@ impl Layer {
         let ff = linear(&linear(&self.norm2.forward(&h)?, &self.linear1, None)?.gelu_erf()?, &self.linear2, None)?;
         Ok((h + ff)?)
     }
+    /// The gradients of `⟨forward(x), d_out⟩` by hand: the forward is run again keeping
+    /// its intermediates, then each step's gradient formula is applied top-down. `states`
+    /// (`[1, L, D]`, broadcast over the first `n_cond` rows) is the memory the
+    /// cross-attention keys and values are computed from.
+    ///
+    /// Why not Candle's autograd: it gives every node of the graph a zero-filled gradient
+    /// buffer and adds into it, so each weight's gradient costs an extra zeroing and an
+    /// extra pass over its size; and the packed `in_proj_weight`, read through three
+    /// narrowed views, gets three zero-padded full-size gradients summed. Here each
+    /// weight's gradient is one matmul, written once.
+    fn backward(&self, x: &Tensor, states: &Tensor, n_cond: usize, d_out: &Tensor) -> Result<LayerGradients> {
+        let b = x.dim(0)?;
+        // Forward, keeping what the backward needs (the same operations as `forward`).
+        let sa = &self.self_attn;
+        let (a, a_saved) = self.norm1.forward_saved(x)?;
+        let (q, k, v) = (sa.split(&a, &sa.q)?, sa.split(&a, &sa.k)?, sa.split(&a, &sa.v)?);
+        let m1 = sa.mix(&q, &k, &v, true)?;
+        let h1 = (x + linear(&m1, &sa.out, None)?)?;
+        let ca = &self.cross_attn;
+        let cross = match n_cond {
+            0 => None,
+            n => {
+                let memory = if n > 1 {
+                    states.broadcast_as((n, states.dim(1)?, states.dim(2)?))?.contiguous()?
+                } else {
+                    states.clone()
+                };
+                let (hn, hn_saved) = self.norm_cross.forward_saved(&h1.narrow(0, 0, n)?)?;
+                let qc = ca.split(&hn, &ca.q)?;
+                let (kc, vc) = ca.memory(&memory)?;
+                let m2 = ca.mix(&qc, &kc, &vc, false)?;
+                Some((memory, hn, hn_saved, qc, kc, vc, m2))
+            }
+        };
+        let h2 = match &cross {
+            None => h1,
+            Some((.., m2)) => {
+                let c = linear(m2, &ca.out, None)?;
+                let c = if b > n_cond { c.pad_with_zeros(0, 0, b - n_cond)? } else { c };
+                (h1 + c)?
+            }
+        };
+        let (f, f_saved) = self.norm2.forward_saved(&h2)?;
+        let u = linear(&f, &self.linear1, None)?;
+        let g = u.gelu_erf()?;
+
+        // Feed-forward.
+        let (dg, d_linear2) = linear_backward(&g, &self.linear2, d_out)?;
+        let du = (dg * gelu_erf_derivative(&u)?)?;
+        let (df, d_linear1) = linear_backward(&f, &self.linear1, &du)?;
+        let (dh, d_norm2_w, d_norm2_b) = self.norm2.backward(&f_saved, &df)?;
+        let d_h2 = (d_out + dh)?;
+        // Cross-attention (rows past `n_cond` have none).
+        let d = x.dim(2)?;
+        let (d_h1, d_states, cross_grads) = match cross {
+            None => {
+                let zeros = |shape: &[usize]| Tensor::zeros(shape, x.dtype(), x.device());
+                let grads = [zeros(&[d])?, zeros(&[d])?, zeros(&[3 * d, d])?, zeros(&[d, d])?];
+                (d_h2, None, grads)
+            }
+            Some((memory, hn, hn_saved, qc, kc, vc, m2)) => {
+                let dc = d_h2.narrow(0, 0, n_cond)?;
+                let (dm2, d_out_c) = linear_backward(&m2, &ca.out, &dc)?;
+                let (dqc, dkc, dvc) = ca.mix_backward((&qc, &kc, &vc), false, &dm2)?;
+                let (dhn, d_qc) = linear_backward(&hn, &ca.q, &dqc)?;
+                let (dm_k, d_kc) = linear_backward(&memory, &ca.k, &dkc)?;
+                let (dm_v, d_vc) = linear_backward(&memory, &ca.v, &dvc)?;
+                let d_states = (dm_k + dm_v)?.sum_keepdim(0)?;
+                let (dh1n, d_nc_w, d_nc_b) = self.norm_cross.backward(&hn_saved, &dhn)?;
+                let d_h1 = if b > n_cond {
+                    Tensor::cat(&[(dc + dh1n)?, d_h2.narrow(0, n_cond, b - n_cond)?], 0)?
+                } else {
+                    (d_h2 + dh1n)?
+                };
+                (d_h1, Some(d_states), [d_nc_w, d_nc_b, Tensor::cat(&[d_qc, d_kc, d_vc], 0)?, d_out_c])
+            }
+        };
+        // Self-attention.
+        let (dm1, d_out_s) = linear_backward(&m1, &sa.out, &d_h1)?;
+        let (dq, dk, dv) = sa.mix_backward((&q, &k, &v), true, &dm1)?;
+        let (da_q, d_q) = linear_backward(&a, &sa.q, &dq)?;
+        let (da_k, d_k) = linear_backward(&a, &sa.k, &dk)?;
+        let (da_v, d_v) = linear_backward(&a, &sa.v, &dv)?;
+        let (dx, d_norm1_w, d_norm1_b) = self.norm1.backward(&a_saved, &((da_q + da_k)? + da_v)?)?;
+        let [d_nc_w, d_nc_b, d_in_c, d_out_c] = cross_grads;
+        let params = vec![
+            ("norm1.weight", d_norm1_w),
+            ("norm1.bias", d_norm1_b),
+            ("self_attn.in_proj_weight", Tensor::cat(&[d_q, d_k, d_v], 0)?),
+            ("self_attn.out_proj.weight", d_out_s),
+            ("norm_cross.weight", d_nc_w),
+            ("norm_cross.bias", d_nc_b),
+            ("cross_attention.in_proj_weight", d_in_c),
+            ("cross_attention.out_proj.weight", d_out_c),
+            ("norm2.weight", d_norm2_w),
+            ("norm2.bias", d_norm2_b),
+            ("linear1.weight", d_linear1),
+            ("linear2.weight", d_linear2),
+        ];
+        Ok(LayerGradients { input: (d_h1 + dx)?, states: d_states, params })
+    }
+}
+
+/// What `Lm::layer_backward` gives.
+pub struct LayerGradients {
+    /// Gradient of the layer's input.
+    pub input: Tensor,
+    /// Gradient of the conditioning states (`None` when no row is conditioned).
+    pub states: Option<Tensor>,
+    /// Each parameter's gradient, named within the layer (`norm1.weight`, …), in the
+    /// layer's parameter order.
+    pub params: Vec<(&'static str, Tensor)>,
 }
 
 /// Per-layer keys and values of the conditioning memory.
@@ -295,6 +486,19 @@ impl Lm {
         self.layers[i].forward(h, &cond.layers[i], None)
     }
 
+    /// Gradients of `⟨layer(i, h, conditioning(states, n_cond)), d_out⟩` with respect to
+    /// `h`, `states` and layer `i`'s parameters, computed by hand (no graph).
+    pub fn layer_backward(
+        &self,
+        i: usize,
+        h: &Tensor,
+        states: &Tensor,
+        n_cond: usize,
+        d_out: &Tensor,
+    ) -> Result<LayerGradients> {
+        self.layers[i].backward(h, states, n_cond, d_out)
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -304,5 +508,103 @@ impl Lm {
         let h = self.out_norm.forward(h)?;
         let logits = self.heads.iter().map(|w| linear(&h, w, None)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::stack(&logits, 1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::musicgen::tiny;
+    use candle_core::{DType, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let data = crate::rng::symmetric_uniforms(seed, shape.iter().product());
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs(t: &Tensor) -> f64 {
+        t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The hand-written layer backward against Candle's autograd of the same layer (in
+    /// f64): the input, the conditioning states and every parameter, for one row, for
+    /// classifier-free guidance's two rows, for two conditioned rows of three, and for
+    /// no conditioned row (cross-attention gradients are then zero). The tolerance is
+    /// Candle's: its GELU derivative uses 1/√(2π) ≈ 0.398942 (relative error 7e-7); the
+    /// exact constant is checked by finite differences below.
+    #[test]
+    fn layer_backward_matches_autograd() {
+        let vocab = crate::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json()).unwrap().vocab_size();
+        let model = tiny::random_model(tiny::config(vocab), 77, DType::F64, &Device::Cpu).unwrap();
+        let tracked = Lm::new(&model.cfg.lm, model.lm_params.vb(false)).unwrap();
+        let dim = model.cfg.lm.dim;
+        for (case, &(b, n, s, l)) in [(1, 1, 5, 3), (2, 1, 7, 4), (3, 2, 4, 2), (2, 0, 3, 3)].iter().enumerate() {
+            let seed = 10 * case as u64;
+            let (x, states, d_out) =
+                (randn(&[b, s, dim], seed), randn(&[1, l, dim], seed + 1), randn(&[b, s, dim], seed + 2));
+            for i in 0..model.lm.num_layers() {
+                let ours = model.lm.layer_backward(i, &x, &states, n, &d_out).unwrap();
+                let (xv, sv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&states).unwrap());
+                let cond = tracked.conditioning(sv.as_tensor(), n).unwrap();
+                let out = tracked.layer(i, xv.as_tensor(), &cond).unwrap();
+                let grads = (out * &d_out).unwrap().sum_all().unwrap().backward().unwrap();
+                let close = |what: &str, a: &Tensor, e: &Tensor| {
+                    let scale = max_abs(e);
+                    let err = max_abs(&(a - e).unwrap());
+                    assert!(
+                        err <= 2e-6 * (1.0 + scale),
+                        "case {case}, layer {i}, {what}: error {err:e} (scale {scale:e})"
+                    );
+                };
+                close("input", &ours.input, grads.get(xv.as_tensor()).unwrap());
+                match (&ours.states, grads.get(sv.as_tensor())) {
+                    (Some(a), Some(e)) => close("states", a, e),
+                    (None, _) => assert_eq!(n, 0, "case {case}: no states gradient"),
+                    (Some(_), None) => panic!("case {case}: autograd has no states gradient"),
+                }
+                assert_eq!(ours.params.len(), 12);
+                for (suffix, g) in &ours.params {
+                    let var = model.lm_params.var(&format!("transformer.layers.{i}.{suffix}")).unwrap();
+                    assert_eq!(g.dims(), var.dims(), "{suffix}");
+                    match grads.get(var.as_tensor()) {
+                        Some(e) => {
+                            assert!(n == 0 || max_abs(e) > 1e-6, "case {case}: {suffix}'s gradient vanishes");
+                            close(suffix, g, e)
+                        }
+                        None => {
+                            assert!(n == 0 && suffix.contains("cross"), "case {case}: autograd lacks {suffix}");
+                            assert_eq!(max_abs(g), 0.0, "{suffix}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The input gradient against central finite differences of `⟨layer(x), d_out⟩` (f64,
+    /// guidance's two rows, one conditioned), tight enough to tell the exact GELU
+    /// derivative from a constant rounded to six digits.
+    #[test]
+    fn layer_backward_matches_finite_differences() {
+        let vocab = crate::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json()).unwrap().vocab_size();
+        let model = tiny::random_model(tiny::config(vocab), 78, DType::F64, &Device::Cpu).unwrap();
+        let (b, n, s, l, dim) = (2, 1, 6, 3, model.cfg.lm.dim);
+        let (x, states, d_out) = (randn(&[b, s, dim], 1), randn(&[1, l, dim], 2), randn(&[b, s, dim], 3));
+        let cond = model.lm.conditioning(&states, n).unwrap();
+        let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let f = |at: usize, h: f64| -> f64 {
+            let mut v = base.clone();
+            v[at] += h;
+            let x = Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap();
+            let out = model.lm.layer(1, &x, &cond).unwrap();
+            (out * &d_out).unwrap().sum_all().unwrap().to_scalar().unwrap()
+        };
+        let grad: Vec<f64> =
+            model.lm.layer_backward(1, &x, &states, n, &d_out).unwrap().input.flatten_all().unwrap().to_vec1().unwrap();
+        for at in (0..base.len()).step_by(base.len() / 23) {
+            let h = 1e-4;
+            let fd = (f(at, h) - f(at, -h)) / (2.0 * h);
+            assert!((fd - grad[at]).abs() <= 1e-8 * (1.0 + fd.abs()), "x[{at}]: fd {fd} vs {}", grad[at]);
+        }
     }
 }
