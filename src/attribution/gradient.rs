@@ -13,14 +13,20 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use indicatif::ProgressBar;
 
 use super::objective::{Example, Objective, Prepared};
 use super::projector::ProjectorSpec;
 use crate::musicgen::codec::Codec;
-use crate::musicgen::lm::Lm;
+use crate::musicgen::lm::{LayerSaved, Lm};
+use crate::musicgen::ops::with_f32_values;
 use crate::musicgen::MusicGen;
+
+/// Memory the LM's backward may spend on keeping layers' intermediates from the forward
+/// pass instead of computing them again (about 17 MB per layer for 2 s of musicgen-small
+/// with guidance: 24 layers fit; at 30 s a few do).
+const SAVED_BYTES: usize = 1 << 30;
 
 /// Wall-clock split of one embedding.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -181,9 +187,26 @@ fn lm_part_gradients(
     let plain = &model.lm; // same weights, no autograd graph
     let states = plain.project_condition(&prepared.t5)?;
     let cond = plain.conditioning(&states, n_cond)?;
+    // Forward. The top layers (differentiated first) keep their intermediates while they
+    // fit in `SAVED_BYTES`; the others keep only their input and run again on the way
+    // down. Both give the same numbers.
+    let layers = plain.num_layers();
     let mut inputs = vec![plain.embed(&tokens, 0)?];
-    for i in 0..plain.num_layers() {
-        let h = plain.layer(i, &inputs[i], &cond)?;
+    let mut saved: Vec<Option<LayerSaved>> = (0..layers).map(|_| None).collect();
+    let mut keep_from = layers;
+    for i in 0..layers {
+        let h = if i == 0 || i >= keep_from {
+            let (h, s) = plain.layer_forward_saved(i, &inputs[i], &states, n_cond)?;
+            if i == 0 {
+                keep_from = layers - (SAVED_BYTES / s.bytes().max(1)).min(layers);
+            }
+            if i >= keep_from {
+                saved[i] = Some(s);
+            }
+            h
+        } else {
+            plain.layer(i, &inputs[i], &cond)?
+        };
         inputs.push(h);
     }
     tick();
@@ -199,7 +222,10 @@ fn lm_part_gradients(
     let index: HashMap<&str, usize> = params.iter().enumerate().map(|(i, (name, _))| (name.as_str(), i)).collect();
     let mut d_states: Option<Tensor> = None;
     for i in (0..plain.num_layers()).rev() {
-        let grads = plain.layer_backward(i, &inputs[i], &states, n_cond, &upstream)?;
+        let grads = match saved[i].take() {
+            Some(s) => plain.layer_backward_saved(i, s, &upstream)?,
+            None => plain.layer_backward(i, &inputs[i], &states, n_cond, &upstream)?,
+        };
         upstream = grads.input;
         if let Some(g) = grads.states {
             d_states = Some(match d_states {
@@ -261,10 +287,11 @@ pub fn project_gradient(
     let mut offset = 0usize;
     if objective.differentiates_codec() {
         codec_gradients(model, objective, prepared, timings, &mut |_, g| {
-            let values: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-            projection.add(offset, &values)?;
-            offset += values.len();
-            Ok(())
+            with_f32_values(g, |values| {
+                projection.add(offset, values)?;
+                offset += values.len();
+                Ok(())
+            })
         })?;
     }
     let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
@@ -288,9 +315,8 @@ pub fn project_gradient(
         let t = Instant::now();
         let take = &mut |i: usize, g: Tensor| {
             let tp = Instant::now();
-            let values: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            with_f32_values(&g, |values| projection.add(offsets[i], values))?;
             drop(g);
-            projection.add(offsets[i], &values)?;
             seen[i] += 1;
             project_seconds += tp.elapsed().as_secs_f64();
             Ok(())

@@ -10,11 +10,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::attribution::objective::prepared_from_codes;
 use crate::attribution::{for_each_gradient, AudioNllObjective, GenerationObjective, Objective, Prepared, Timings};
 use crate::attribution::{ProjectorKind, ProjectorSpec};
 use crate::musicgen::model::Window;
+use crate::musicgen::ops::with_f32_values;
 use crate::musicgen::sampling::Sampler;
 use crate::musicgen::{tiny, GenerateOptions, Generation, LoadOptions, MusicGen, Purpose};
 
@@ -103,12 +105,20 @@ fn rel(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-/// Alternates `ours` and `peer`, `reps` times each; returns their wall times.
+/// Alternates `ours` and `peer`, `reps` times each; returns their wall times. With
+/// `warm_up`, each side first runs once untimed (both allocators otherwise pay for
+/// fresh pages on the first runs of a gradient: measured, the first run was up to twice
+/// the later ones on both sides).
 fn alternate(
     reps: usize,
+    warm_up: bool,
     mut ours: impl FnMut() -> Result<f64>,
     mut peer: impl FnMut() -> Result<f64>,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
+    if warm_up {
+        ours()?;
+        peer()?;
+    }
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..reps {
         a.push(ours()?);
@@ -163,6 +173,7 @@ fn bench_generation(model: &MusicGen, peer: &mut Peer, seconds: f64, reps: usize
     let frames = model.frames_for(seconds);
     let (a, b) = alternate(
         reps,
+        false,
         || {
             let t = Instant::now();
             ours_codes = model.generate(PROMPT, seconds, &opts, None)?.frames;
@@ -218,13 +229,15 @@ fn our_gradient(
     let mut norm2 = 0f64;
     let mut all = Vec::new();
     let t = Instant::now();
+    // Read in place, as the peer reads its tensors (no copy of the gradient).
     for_each_gradient(model, objective, &prepared, &mut timings, |_, g| {
-        let v: Vec<f32> = g.flatten_all()?.to_vec1()?;
-        norm2 += v.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
-        if keep {
-            all.extend_from_slice(&v);
-        }
-        Ok(())
+        with_f32_values(g, |v| {
+            norm2 += v.par_chunks(1 << 16).map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).sum::<f64>();
+            if keep {
+                all.extend_from_slice(v);
+            }
+            Ok(())
+        })
     })?;
     Ok((t.elapsed().as_secs_f64(), norm2.sqrt(), keep.then_some(all)))
 }
@@ -255,6 +268,7 @@ fn bench_gradient(model: &MusicGen, peer: &mut Peer, seconds: f64, name: &str, r
     let (mut our_norm, mut peer_norm) = (0f64, 0f64);
     let (a, b) = alternate(
         reps,
+        true,
         || {
             let (secs, norm, _) = our_gradient(model, objective.as_ref(), name, &codes_a, false)?;
             our_norm = norm;
@@ -301,6 +315,7 @@ fn bench_projection(peer: &mut Peer, d: usize, reps: usize) -> Result<Row> {
     let mut ratios = (0f64, 0f64);
     let (a, b) = alternate(
         reps,
+        false,
         || {
             let t = Instant::now();
             let mut p = spec.start();
@@ -352,6 +367,7 @@ fn bench_scoring(peer: &mut Peer, n: usize, reps: usize, tmp: &Path) -> Result<R
     let mut ours = Vec::new();
     let (a, b) = alternate(
         reps,
+        true,
         || {
             let t = Instant::now();
             ours = crate::attribution::score::scores(&g, m, &phi, n, k, lambda)?.0;
@@ -470,7 +486,8 @@ fn report(sections: &[(String, Vec<Row>)], versions: &serde_json::Value, threads
     let mut md = format!(
         "# spintrak next to PyTorch\n\n`spintrak bench --peer`, {date}: {cores} cores, {threads} threads on both sides; \
          torch {}, transformers {} (`bench/peer.py`, OMP_WAIT_POLICY {}). The same weights (written by spintrak in the \
-         transformers layout, loaded by both), runs alternated, {reps} of each; seconds as min / median, and the ratio \
+         transformers layout, loaded by both), runs alternated, {reps} of each (gradients and scoring after one untimed \
+         run of each side); seconds as min / median, and the ratio \
          of medians (spintrak ÷ PyTorch: below 1, spintrak is faster). A figure counts only if its check holds \
          (relative difference ≤ {TOLERANCE:e}).\n",
         versions["torch"].as_str().unwrap_or("?"),

@@ -239,8 +239,20 @@ impl Layer {
     /// narrowed views, gets three zero-padded full-size gradients summed. Here each
     /// weight's gradient is one matmul, written once.
     fn backward(&self, x: &Tensor, states: &Tensor, n_cond: usize, d_out: &Tensor) -> Result<LayerGradients> {
+        let (_, saved) = self.forward_saved(x, states, n_cond, false)?;
+        self.backward_saved(saved, d_out)
+    }
+
+    /// The forward pass keeping what the backward needs: the same operations as
+    /// `forward`, so the output (given `with_output`) is the same, bit for bit.
+    fn forward_saved(
+        &self,
+        x: &Tensor,
+        states: &Tensor,
+        n_cond: usize,
+        with_output: bool,
+    ) -> Result<(Option<Tensor>, LayerSaved)> {
         let b = x.dim(0)?;
-        // Forward, keeping what the backward needs (the same operations as `forward`).
         let sa = &self.self_attn;
         let (a, a_saved) = self.norm1.forward_saved(x)?;
         let (q, k, v) = (sa.split(&a, &sa.q)?, sa.split(&a, &sa.k)?, sa.split(&a, &sa.v)?);
@@ -259,13 +271,13 @@ impl Layer {
                 let qc = ca.split(&hn, &ca.q)?;
                 let (kc, vc) = ca.memory(&memory)?;
                 let m2 = ca.mix(&qc, &kc, &vc, false)?;
-                Some((memory, hn, hn_saved, qc, kc, vc, m2))
+                Some(CrossSaved { memory, hn, hn_saved, qc, kc, vc, m2 })
             }
         };
         let h2 = match &cross {
             None => h1,
-            Some((.., m2)) => {
-                let c = linear(m2, &ca.out, None)?;
+            Some(cr) => {
+                let c = linear(&cr.m2, &ca.out, None)?;
                 let c = if b > n_cond { c.pad_with_zeros(0, 0, b - n_cond)? } else { c };
                 (h1 + c)?
             }
@@ -273,7 +285,15 @@ impl Layer {
         let (f, f_saved) = self.norm2.forward_saved(&h2)?;
         let u = linear(&f, &self.linear1, None)?;
         let g = u.gelu_erf()?;
+        let out = if with_output { Some((&h2 + linear(&g, &self.linear2, None)?)?) } else { None };
+        let saved = LayerSaved { rows: b, n_cond, a, a_saved, q, k, v, m1, cross, f, f_saved, u, g };
+        Ok((out, saved))
+    }
 
+    /// The backward pass from what `forward_saved` kept (see `backward`).
+    fn backward_saved(&self, saved: LayerSaved, d_out: &Tensor) -> Result<LayerGradients> {
+        let LayerSaved { rows: b, n_cond, a, a_saved, q, k, v, m1, cross, f, f_saved, u, g } = saved;
+        let (sa, ca) = (&self.self_attn, &self.cross_attn);
         // Feed-forward.
         let (dg, d_linear2) = linear_backward(&g, &self.linear2, d_out)?;
         let du = (dg * gelu_erf_derivative(&u)?)?;
@@ -281,14 +301,14 @@ impl Layer {
         let (dh, d_norm2_w, d_norm2_b) = self.norm2.backward(&f_saved, &df)?;
         let d_h2 = (d_out + dh)?;
         // Cross-attention (rows past `n_cond` have none).
-        let d = x.dim(2)?;
+        let d = d_out.dim(2)?;
         let (d_h1, d_states, cross_grads) = match cross {
             None => {
-                let zeros = |shape: &[usize]| Tensor::zeros(shape, x.dtype(), x.device());
+                let zeros = |shape: &[usize]| Tensor::zeros(shape, d_out.dtype(), d_out.device());
                 let grads = [zeros(&[d])?, zeros(&[d])?, zeros(&[3 * d, d])?, zeros(&[d, d])?];
                 (d_h2, None, grads)
             }
-            Some((memory, hn, hn_saved, qc, kc, vc, m2)) => {
+            Some(CrossSaved { memory, hn, hn_saved, qc, kc, vc, m2 }) => {
                 let dc = d_h2.narrow(0, 0, n_cond)?;
                 let (dm2, d_out_c) = linear_backward(&m2, &ca.out, &dc)?;
                 let (dqc, dkc, dvc) = ca.mix_backward((&qc, &kc, &vc), false, &dm2)?;
@@ -328,6 +348,49 @@ impl Layer {
             ("linear2.weight", d_linear2),
         ];
         Ok(LayerGradients { input: (d_h1 + dx)?, states: d_states, params })
+    }
+}
+
+/// A layer's intermediates, kept by its forward pass for its backward pass.
+pub struct LayerSaved {
+    rows: usize,
+    n_cond: usize,
+    a: Tensor,
+    a_saved: NormSaved,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    m1: Tensor,
+    cross: Option<CrossSaved>,
+    f: Tensor,
+    f_saved: NormSaved,
+    u: Tensor,
+    g: Tensor,
+}
+
+struct CrossSaved {
+    memory: Tensor,
+    hn: Tensor,
+    hn_saved: NormSaved,
+    qc: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    m2: Tensor,
+}
+
+impl LayerSaved {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let norm = |n: &NormSaved| size(&n.x_hat) + size(&n.inv_std);
+        let mut total =
+            [&self.a, &self.q, &self.k, &self.v, &self.m1, &self.f, &self.u, &self.g].map(size).iter().sum::<usize>()
+                + norm(&self.a_saved)
+                + norm(&self.f_saved);
+        if let Some(c) = &self.cross {
+            total += [&c.memory, &c.hn, &c.qc, &c.kc, &c.vc, &c.m2].map(size).iter().sum::<usize>() + norm(&c.hn_saved);
+        }
+        total
     }
 }
 
@@ -499,6 +562,24 @@ impl Lm {
         self.layers[i].backward(h, states, n_cond, d_out)
     }
 
+    /// Layer `i`'s output (the same numbers as `layer`) and its intermediates, for
+    /// `layer_backward_saved`.
+    pub fn layer_forward_saved(
+        &self,
+        i: usize,
+        h: &Tensor,
+        states: &Tensor,
+        n_cond: usize,
+    ) -> Result<(Tensor, LayerSaved)> {
+        let (out, saved) = self.layers[i].forward_saved(h, states, n_cond, true)?;
+        Ok((out.ok_or_else(|| anyhow::anyhow!("layer {i}: no output"))?, saved))
+    }
+
+    /// `layer_backward` from intermediates kept by `layer_forward_saved(i, …)`.
+    pub fn layer_backward_saved(&self, i: usize, saved: LayerSaved, d_out: &Tensor) -> Result<LayerGradients> {
+        self.layers[i].backward_saved(saved, d_out)
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -601,6 +682,12 @@ mod tests {
         };
         let grad: Vec<f64> =
             model.lm.layer_backward(1, &x, &states, n, &d_out).unwrap().input.flatten_all().unwrap().to_vec1().unwrap();
+        // Kept intermediates give the same numbers as running the layer again.
+        let (out, saved) = model.lm.layer_forward_saved(1, &x, &states, n).unwrap();
+        assert_eq!(max_abs(&(out - model.lm.layer(1, &x, &cond).unwrap()).unwrap()), 0.0);
+        let from_saved = model.lm.layer_backward_saved(1, saved, &d_out).unwrap();
+        let again: Vec<f64> = from_saved.input.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(again, grad);
         for at in (0..base.len()).step_by(base.len() / 23) {
             let h = 1e-4;
             let fd = (f(at, h) - f(at, -h)) / (2.0 * h);

@@ -247,6 +247,19 @@ pub(crate) fn cpu_storage(t: &Tensor) -> Result<CpuStorage> {
     }
 }
 
+/// Calls `f` on a CPU tensor's values as f32, borrowed in place when they already are
+/// contiguous f32 (a gradient of the model's size is not copied), converted otherwise.
+pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> anyhow::Result<R>) -> anyhow::Result<R> {
+    if t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return f(&cpu.as_slice::<f32>()?[start..end]);
+        }
+    }
+    let values: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    f(&values)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
