@@ -16,7 +16,7 @@ Requests:
   {"task":"generate","input_ids":[..],"frames":F,"guidance_scale":g}            -> codes [K][F]
   {"task":"logits","input_ids":[..],"codes":[[..]],"guidance_scale":g,"out":p}  -> p: "guided" f32 [K,S,card]
   {"task":"grad","objective":"audio-nll"|"generation","input_ids":[..],"codes":[[..]],
-   "guidance_scale":g,"window":W,"keep":slot|null}                              -> f_lm, f_codec, norm, parameters
+   "guidance_scale":g,"window":W,"keep":slot|null,"dtype":"float32"|"float64"}  -> f_lm, f_codec, norm, parameters
   {"task":"gram","slots":[i,..]}  {"task":"clear"}
   {"task":"project","d":D,"k":k,"seed":s,"block":B,"d_slice":n?,"proj_type":"normal"?}  -> ratio
   {"task":"score","training":p,"lambda":l,"out":q}                              -> q: "scores" f64 [m,n]
@@ -35,6 +35,7 @@ sys.stdout = sys.stderr
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -128,6 +129,20 @@ def audio_nll(model, t5_hidden, frames, window, card):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def differentiated(model):
+    """The parameters the objectives differentiate, by group. Only these keep requires_grad: the frozen T5 (and
+    encoder / quantizer) then builds no graph."""
+    named = list(model.named_parameters())
+    params = {
+        "lm": [(n, p) for n, p in named if n.startswith(LM_PREFIXES)],
+        "codec_decoder": [(n, p) for n, p in named if n.startswith(CODEC_PREFIXES)],
+    }
+    wanted = {id(p) for group in params.values() for _, p in group}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    return params
+
+
 class Peer:
     def __init__(self, model_dir):
         # transformers' default attention: sdpa for the decoder and T5 (EnCodec has none), the setting
@@ -137,16 +152,8 @@ class Peer:
         cfg = self.model.config.decoder
         self.K, self.card = cfg.num_codebooks, cfg.vocab_size  # the special (start / pad) token is id `card`
         self.delays = delays_of(self.model)
-        named = list(self.model.named_parameters())
-        self.params = {
-            "lm": [(n, p) for n, p in named if n.startswith(LM_PREFIXES)],
-            "codec_decoder": [(n, p) for n, p in named if n.startswith(CODEC_PREFIXES)],
-        }
-        # Only what the objectives differentiate keeps requires_grad: the frozen T5 (and encoder / quantizer)
-        # then builds no graph.
-        wanted = {id(p) for group in self.params.values() for _, p in group}
-        for p in self.model.parameters():
-            p.requires_grad_(id(p) in wanted)
+        self.params = differentiated(self.model)
+        self.model64 = None  # (model, params) in float64, made on first use
         self.slots = {}
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -164,8 +171,22 @@ class Peer:
             raise ValueError(f"codes must lie in 0..{self.card - 1}")
         return c
 
-    def _grad(self, f, group):
-        names, params = zip(*self.params[group])
+    def variant(self, req):
+        """(model, params) in the request's dtype: float32 (timed), or float64, the reference both sides'
+        float32 results are checked against (float32 rounding differs between implementations: in the codec
+        decoder's backward PyTorch's own float32 strays from its float64 by 1e-3 at 10 s of musicgen-small)."""
+        dtype = req.get("dtype", "float32")
+        if dtype == "float32":
+            return self.model, self.params
+        if dtype != "float64":
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        if self.model64 is None:
+            model = copy.deepcopy(self.model).double()
+            self.model64 = (model, differentiated(model))
+        return self.model64
+
+    def _grad(self, f, group, params_of=None):
+        names, params = zip(*(params_of or self.params)[group])
         # materialize_grads: a parameter outside the graph gets zeros, not None
         return dict(zip(names, torch.autograd.grad(f, params, allow_unused=True, materialize_grads=True)))
 
@@ -232,25 +253,27 @@ class Peer:
         if window <= 0:
             raise ValueError("window must be positive")
         codes = self.codes(req)
-        t5_hidden = self.t5(req)  # frozen text encoder: not part of the gradient, so not timed
+        model, params = self.variant(req)
+        # frozen text encoder (float32, as on our side): not part of the gradient, so not timed
+        t5_hidden = self.t5(req).to(next(model.parameters()).dtype)
 
         t0 = time.perf_counter()
         f_codec = None
         if objective == "audio-nll":
-            f_lm = audio_nll(self.model, t5_hidden, codes, window, self.card)
+            f_lm = audio_nll(model, t5_hidden, codes, window, self.card)
         else:
-            f_lm = f_generation_lm(self.model, t5_hidden, codes, float(req["guidance_scale"]), window, self.card)
-        grads = self._grad(f_lm, "lm")
+            f_lm = f_generation_lm(model, t5_hidden, codes, float(req["guidance_scale"]), window, self.card)
+        grads = self._grad(f_lm, "lm", params)
         if objective == "generation":
             # second backward pass, as make_fixtures: the codec objective shares no graph with the LM one
-            f_codec = decode_codes(self.model, codes).mean()
-            grads.update(self._grad(f_codec, "codec_decoder"))
+            f_codec = decode_codes(model, codes).mean()
+            grads.update(self._grad(f_codec, "codec_decoder", params))
         # per-tensor f64 sums of squares: no f64 copy of the whole gradient
         sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads.values())
         seconds = time.perf_counter() - t0
 
         # one flat vector in model.named_parameters() order (for the LM + codec gradient: codec rows first)
-        names = [n for n, _ in self.model.named_parameters() if n in grads]
+        names = [n for n, _ in model.named_parameters() if n in grads]
         count = sum(grads[n].numel() for n in names)
         if keep is not None:
             flat = torch.empty(count, dtype=torch.float32)

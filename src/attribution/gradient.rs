@@ -25,8 +25,14 @@ use crate::musicgen::MusicGen;
 
 /// Memory the LM's backward may spend on keeping layers' intermediates from the forward
 /// pass instead of computing them again (about 17 MB per layer for 2 s of musicgen-small
-/// with guidance: 24 layers fit; at 30 s a few do).
-const SAVED_BYTES: usize = 1 << 30;
+/// with guidance: 24 layers fit; at 30 s a few do), and at most a quarter of the memory
+/// still available, so that it never turns a run that fits into one that does not.
+const SAVED_BYTES: u64 = 1 << 30;
+
+fn saved_budget() -> usize {
+    let available = crate::memory::available().unwrap_or(0);
+    SAVED_BYTES.min(available / 4) as usize
+}
 
 /// Wall-clock split of one embedding.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -188,7 +194,7 @@ fn lm_part_gradients(
     let states = plain.project_condition(&prepared.t5)?;
     let cond = plain.conditioning(&states, n_cond)?;
     // Forward. The top layers (differentiated first) keep their intermediates while they
-    // fit in `SAVED_BYTES`; the others keep only their input and run again on the way
+    // fit in `saved_budget()`; the others keep only their input and run again on the way
     // down. Both give the same numbers.
     let layers = plain.num_layers();
     let mut inputs = vec![plain.embed(&tokens, 0)?];
@@ -198,7 +204,7 @@ fn lm_part_gradients(
         let h = if i == 0 || i >= keep_from {
             let (h, s) = plain.layer_forward_saved(i, &inputs[i], &states, n_cond)?;
             if i == 0 {
-                keep_from = layers - (SAVED_BYTES / s.bytes().max(1)).min(layers);
+                keep_from = layers - (saved_budget() / s.bytes().max(1)).min(layers);
             }
             if i >= keep_from {
                 saved[i] = Some(s);

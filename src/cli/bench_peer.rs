@@ -261,11 +261,11 @@ fn bench_gradient(model: &MusicGen, peer: &mut Peer, seconds: f64, name: &str, r
     let codes_b: Vec<Vec<u32>> = (0..codes_a.len())
         .map(|k| (0..frames).map(|t| (crate::rng::hash(5, &[k as u64, t as u64]) % card) as u32).collect())
         .collect();
-    let request = |codes: &Vec<Vec<u32>>, keep: Option<usize>| {
+    let request = |codes: &Vec<Vec<u32>>, keep: Option<usize>, dtype: &str| {
         serde_json::json!({"task": "grad", "objective": name, "input_ids": ids, "codes": codes,
-            "guidance_scale": GUIDANCE, "window": window, "keep": keep})
+            "guidance_scale": GUIDANCE, "window": window, "keep": keep, "dtype": dtype})
     };
-    let (mut our_norm, mut peer_norm) = (0f64, 0f64);
+    let mut our_norm = 0f64;
     let (a, b) = alternate(
         reps,
         true,
@@ -275,8 +275,7 @@ fn bench_gradient(model: &MusicGen, peer: &mut Peer, seconds: f64, name: &str, r
             Ok(secs)
         },
         || {
-            let r = peer.ask(request(&codes_a, None))?;
-            peer_norm = r["norm"].as_f64().unwrap_or(f64::NAN);
+            let r = peer.ask(request(&codes_a, None, "float32"))?;
             Ok(r["seconds"].as_f64().unwrap_or(f64::NAN))
         },
     )?;
@@ -286,8 +285,11 @@ fn bench_gradient(model: &MusicGen, peer: &mut Peer, seconds: f64, name: &str, r
     let (ga, gb) = (ga.unwrap_or_default(), gb.unwrap_or_default());
     let ours_gram = [dot(&ga, &ga), dot(&ga, &gb), dot(&gb, &gb)];
     drop((ga, gb));
-    peer.ask(request(&codes_a, Some(0)))?;
-    peer.ask(request(&codes_b, Some(1)))?;
+    // The peer's side of the check in float64: the exact function both float32 runs
+    // approximate (float32 rounding differs between implementations; PyTorch's own float32
+    // codec-decoder gradient strays from its float64 by 1e-3 at 10 s of musicgen-small).
+    let peer_norm = peer.ask(request(&codes_a, Some(0), "float64"))?["norm"].as_f64().unwrap_or(f64::NAN);
+    peer.ask(request(&codes_b, Some(1), "float64"))?;
     let g = peer.ask(serde_json::json!({"task": "gram", "slots": [0, 1]}))?["gram"].clone();
     peer.ask(serde_json::json!({"task": "clear"}))?;
     let g: Vec<Vec<f64>> = serde_json::from_value(g)?;
@@ -298,7 +300,7 @@ fn bench_gradient(model: &MusicGen, peer: &mut Peer, seconds: f64, name: &str, r
         figure: format!("gradient, {name}, {seconds} s ({frames} frames; forward + backward)"),
         ours: a,
         peer: b,
-        check: format!("gradient norm rel. diff {norm_err:.1e}; Gram of 2 gradients {gram_err:.1e}"),
+        check: format!("vs PyTorch in f64: gradient norm rel. diff {norm_err:.1e}; Gram of 2 gradients {gram_err:.1e}"),
         ok: norm_err <= TOLERANCE && gram_err <= TOLERANCE,
         note: String::new(),
     })
