@@ -166,11 +166,6 @@ fn take_param_grads(
     Ok(())
 }
 
-/// Gradient of one LM piece by layer-wise recomputation: a forward pass without a graph
-/// keeps only each layer's input; then, from the head down, each layer is re-run on its
-/// saved input and differentiated by hand against the gradient arriving from above
-/// (`Lm::layer_backward`). Peak memory is one layer's intermediates instead of the whole
-/// network's.
 /// Where the LM's per-parameter gradients go (by index into `params`), and the bar that
 /// counts layers done.
 struct LayerSink<'a> {
@@ -179,6 +174,11 @@ struct LayerSink<'a> {
     take: &'a mut dyn FnMut(usize, Tensor) -> Result<()>,
 }
 
+/// Gradient of one LM piece, layer by layer: a forward pass without a graph keeps each
+/// layer's input (and, within a budget, the top layers' intermediates); then, from the
+/// head down, each layer is differentiated by hand against the gradient arriving from
+/// above (`Lm::layer_backward`, re-running the layer when nothing was kept). Peak memory
+/// is the kept intermediates plus one layer's, not the whole network's.
 fn lm_part_gradients(
     model: &MusicGen,
     lm: &Lm,
@@ -192,27 +192,21 @@ fn lm_part_gradients(
     let (tokens, n_cond) = objective.lm_input(model, prepared, part)?;
     let plain = &model.lm; // same weights, no autograd graph
     let states = plain.project_condition(&prepared.t5)?;
-    let cond = plain.conditioning(&states, n_cond)?;
     // Forward. The top layers (differentiated first) keep their intermediates while they
-    // fit in `saved_budget()`; the others keep only their input and run again on the way
-    // down. Both give the same numbers.
+    // fit in `saved_budget()` (sized from layer 0's); the others keep only their input and
+    // run again on the way down. Both give the same numbers.
     let layers = plain.num_layers();
     let mut inputs = vec![plain.embed(&tokens, 0)?];
     let mut saved: Vec<Option<LayerSaved>> = (0..layers).map(|_| None).collect();
     let mut keep_from = layers;
     for i in 0..layers {
-        let h = if i == 0 || i >= keep_from {
-            let (h, s) = plain.layer_forward_saved(i, &inputs[i], &states, n_cond)?;
-            if i == 0 {
-                keep_from = layers - (saved_budget() / s.bytes().max(1)).min(layers);
-            }
-            if i >= keep_from {
-                saved[i] = Some(s);
-            }
-            h
-        } else {
-            plain.layer(i, &inputs[i], &cond)?
-        };
+        let (h, s) = plain.layer_forward_saved(i, &inputs[i], &states, n_cond)?;
+        if i == 0 {
+            keep_from = layers - (saved_budget() / s.bytes().max(1)).min(layers);
+        }
+        if i >= keep_from {
+            saved[i] = Some(s);
+        }
         inputs.push(h);
     }
     tick();
