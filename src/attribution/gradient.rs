@@ -18,7 +18,6 @@ use indicatif::ProgressBar;
 
 use super::objective::{Example, Objective, Prepared};
 use super::projector::ProjectorSpec;
-use crate::musicgen::codec::Codec;
 use crate::musicgen::lm::{LayerSaved, Lm};
 use crate::musicgen::ops::with_f32_values;
 use crate::musicgen::MusicGen;
@@ -93,7 +92,10 @@ pub fn for_each_gradient(
     Ok(())
 }
 
-/// Part 1: the codec decoder, channel by channel, layer by layer.
+/// Part 1: the codec decoder, channel by channel: a forward pass that keeps what the
+/// backward pass needs (`CodecDecoder::forward_saved`), the objective's head through
+/// autograd, then the decoder differentiated by hand, layer by layer
+/// (`CodecDecoder::backward`).
 fn codec_gradients(
     model: &MusicGen,
     objective: &dyn Objective,
@@ -103,32 +105,22 @@ fn codec_gradients(
 ) -> Result<()> {
     let t = Instant::now();
     let decoder_params = decoder_params(model);
-    let codec = Codec::new(&model.cfg.codec, model.codec_params.vb(false))?;
+    let index: HashMap<&str, usize> =
+        decoder_params.iter().enumerate().map(|(i, (name, _))| (name.as_str(), i)).collect();
     let mut acc: Vec<Option<Tensor>> = vec![None; decoder_params.len()];
+    let decoder = &model.codec.decoder; // no autograd graph
     for z in objective.codec_inputs(model, prepared)? {
-        let plain = &model.codec.decoder; // same weights, no autograd graph
-        let mut inputs = vec![z];
-        for i in 0..plain.num_layers() {
-            let h = plain.layer(i, &inputs[i])?;
-            inputs.push(h);
-        }
-        let top = Var::from_tensor(&inputs[plain.num_layers()])?;
+        let (audio, tape) = decoder.forward_saved(&z)?;
+        let top = Var::from_tensor(&audio)?;
         let mut grads = objective.codec_head_value(model, top.as_tensor(), prepared)?.backward()?;
-        let mut upstream =
-            grads.remove(top.as_tensor()).ok_or_else(|| anyhow!("no gradient reached the audio"))?.detach();
-        for i in (0..codec.decoder.num_layers()).rev() {
-            let input = Var::from_tensor(&inputs[i])?;
-            let mut grads = (codec.decoder.layer(i, input.as_tensor())? * &upstream)?.sum_all()?.backward()?;
-            take_param_grads(&mut grads, &decoder_params, &mut |i, g| accumulate(&mut acc[i], g))?;
-            if i > 0 {
-                upstream = grads
-                    .remove(input.as_tensor())
-                    .ok_or_else(|| anyhow!("no gradient reached decoder layer {i}"))?
-                    .detach();
-            }
-        }
+        let d_audio = grads.remove(top.as_tensor()).ok_or_else(|| anyhow!("no gradient reached the audio"))?.detach();
+        drop((grads, top, audio));
+        decoder.backward(tape, &d_audio, &mut |name, g| {
+            let name = format!("decoder.{name}");
+            let &i = index.get(name.as_str()).ok_or_else(|| missing(&name))?;
+            accumulate(&mut acc[i], g)
+        })?;
     }
-    drop(codec);
     let codec_seconds = t.elapsed().as_secs_f64();
     timings.backward += codec_seconds;
     timings.backward_codec += codec_seconds;

@@ -6,11 +6,12 @@
 //! `quantizer.layers.{q}.codebook.embed`); the loader maps audiocraft's names onto them.
 
 use anyhow::{bail, Result};
-use candle_core::{Tensor, D};
+use candle_core::{Device, Tensor};
 
 use super::config::{CodecConfig, PadMode};
-use super::lstm::lstm_layer;
-use super::ops::{conv_transpose1d, embedding, reflect_pad_last, ConvTranspose1dParams};
+use super::conv::{pad_source, Columns};
+use super::lstm::{lstm_layer, lstm_layer_backward, lstm_layer_traced, Trace};
+use super::ops::{elu, elu_backward, embedding};
 use super::params::Vb;
 
 /// A convolution weight, plain or weight-normalised (`W = g · v / ‖v‖`, the norm taken
@@ -38,6 +39,33 @@ impl ConvWeight {
             }
         }
     }
+
+    /// The stored tensors' gradients from the weight's `dw`, named as stored. With
+    /// `W = g·v/‖v‖` (per row `r`): `∂g_r = ⟨dW_r, v_r⟩/‖v_r‖` and
+    /// `∂v_r = (g_r/‖v_r‖)·(dW_r − (⟨dW_r, v_r⟩/‖v_r‖²)·v_r)`.
+    fn backward(&self, dw: Tensor, out: &mut Vec<(String, Tensor)>) -> Result<()> {
+        match self {
+            Self::Plain(_) => out.push(("weight".into(), dw)),
+            Self::Normed { g, v } => {
+                let norm = v.sqr()?.sum_keepdim(2)?.sum_keepdim(1)?.sqrt()?;
+                let dot = (&dw * v)?.sum_keepdim(2)?.sum_keepdim(1)?;
+                let dg = (&dot / &norm)?;
+                let along = (dot / norm.sqr()?)?;
+                let dv = (dw - v.broadcast_mul(&along)?)?.broadcast_mul(&(g / norm)?)?;
+                out.push(("weight_g".into(), dg));
+                out.push(("weight_v".into(), dv));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a convolution's backward pass gives: the input's gradient (when asked for) and
+/// the stored tensors' gradients, named as stored (`weight_g`, `weight_v` or `weight`,
+/// then `bias`).
+struct ConvGradients {
+    input: Option<Tensor>,
+    params: Vec<(String, Tensor)>,
 }
 
 /// `EncodecConv1d`: a convolution with EnCodec's "same"-style padding.
@@ -73,44 +101,67 @@ impl Conv {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Left and right padding of an input of `len` samples.
+    fn padding(&self, len: usize) -> (usize, usize) {
         let k_eff = (self.kernel - 1) * self.dilation + 1;
         let padding_total = k_eff - self.stride;
-        let len = x.dim(D::Minus1)?;
         // Extra right padding so that the last window is complete.
         let n_frames = (len as f64 - k_eff as f64 + padding_total as f64) / self.stride as f64 + 1.0;
         let ideal = (n_frames.ceil() as usize - 1) * self.stride + (k_eff - padding_total);
         let extra = ideal.saturating_sub(len);
-        let (left, right) = if self.causal {
+        if self.causal {
             (padding_total, extra)
         } else {
             let r = padding_total / 2;
             (padding_total - r, r + extra)
-        };
-        let x = pad1d(x, left, right, self.pad_mode)?;
+        }
+    }
+
+    /// The im2col pattern over an input of `len` samples, padding included.
+    fn columns(&self, len: usize, device: &Device) -> Result<Columns> {
+        let (left, right) = self.padding(len);
+        let src = pad_source(len, left, right, self.pad_mode);
+        let k_eff = (self.kernel - 1) * self.dilation + 1;
+        let width = (src.len() - k_eff) / self.stride + 1;
+        Ok(Columns::new(&src, len, self.kernel, width, self.stride, self.dilation, device)?)
+    }
+
+    /// `Y = W·Xcol + b` per batch row.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, c_in, len) = x.dims3()?;
+        let cols = self.columns(len, x.device())?;
         let w = self.weight.get()?;
-        let y = x.conv1d(&w, 0, self.stride, self.dilation, 1)?;
+        let c_out = w.dim(0)?;
+        let w = w.reshape((c_out, c_in * self.kernel))?;
+        let rows = (0..batch).map(|b| Ok(w.matmul(&cols.gather(&x.narrow(0, b, 1)?)?)?)).collect::<Result<Vec<_>>>()?;
+        let y = Tensor::stack(&rows, 0)?;
         Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1))?)?,
+            Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1))?)?,
             None => y,
         })
     }
-}
 
-/// Pads the time axis, reproducing EnCodec's handling of reflect padding on inputs
-/// shorter than the pad (zero-extend first, reflect, then drop the extension).
-fn pad1d(x: &Tensor, left: usize, right: usize, mode: PadMode) -> Result<Tensor> {
-    match mode {
-        PadMode::Constant => Ok(x.pad_with_zeros(D::Minus1, left, right)?),
-        PadMode::Reflect => {
-            let len = x.dim(D::Minus1)?;
-            let max_pad = left.max(right);
-            let extra = if len <= max_pad { max_pad - len + 1 } else { 0 };
-            let x = if extra > 0 { x.pad_with_zeros(D::Minus1, 0, extra)? } else { x.clone() };
-            let padded = reflect_pad_last(&x, left, right)?;
-            let keep = padded.dim(D::Minus1)? - extra;
-            Ok(padded.narrow(D::Minus1, 0, keep)?)
+    /// The backward pass of [`forward`](Self::forward) at input `x` `[1, C_in, L]`, given
+    /// the output's gradient `dy`: `∂W = dY·Xcolᵀ`, `∂X = col2im(Wᵀ·dY)` (the padding's
+    /// share folded back onto the samples it mirrored).
+    fn backward(&self, x: &Tensor, dy: &Tensor, need_input: bool) -> Result<ConvGradients> {
+        let (_, c_in, len) = x.dims3()?;
+        let c_out = dy.dim(1)?;
+        let cols = self.columns(len, x.device())?;
+        let dy = dy.squeeze(0)?;
+        let dw = dy.matmul(&cols.gather(x)?.t()?)?.reshape((c_out, c_in, self.kernel))?;
+        let input = if need_input {
+            let w = self.weight.get()?.reshape((c_out, c_in * self.kernel))?;
+            Some(cols.scatter(&w.t()?.matmul(&dy)?)?)
+        } else {
+            None
+        };
+        let mut params = Vec::new();
+        self.weight.backward(dw, &mut params)?;
+        if self.bias.is_some() {
+            params.push(("bias".into(), dy.sum(1)?));
         }
+        Ok(ConvGradients { input, params })
     }
 }
 
@@ -136,22 +187,68 @@ impl ConvTr {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.get()?;
-        let y = conv_transpose1d(x, &w, ConvTranspose1dParams { stride: self.stride, ..Default::default() })?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1))?)?,
-            None => y,
-        };
+    /// Samples trimmed off the left and right of the full transposed convolution.
+    fn trim(&self) -> (usize, usize) {
         let padding_total = self.kernel - self.stride;
         let right = if self.causal {
             (padding_total as f64 * self.trim_right_ratio).ceil() as usize
         } else {
             padding_total / 2
         };
-        let left = padding_total - right;
-        let len = y.dim(D::Minus1)?;
-        Ok(y.narrow(D::Minus1, left, len - left - right)?)
+        (padding_total - right, right)
+    }
+
+    /// Where the taps land: input sample `j`'s tap `k` is output `j·stride + k − left`
+    /// (outside the kept range: trimmed away).
+    fn columns(&self, len: usize, device: &Device) -> Result<Columns> {
+        let (left, right) = self.trim();
+        let full = (len - 1) * self.stride + self.kernel;
+        let out_len = full
+            .checked_sub(left + right)
+            .ok_or_else(|| anyhow::anyhow!("transposed convolution: {len} inputs give no output"))?;
+        let src = pad_source(out_len, left, right, PadMode::Constant);
+        Ok(Columns::new(&src, out_len, self.kernel, len, self.stride, 1, device)?)
+    }
+
+    /// `Y = col2im(Wᵀ·X) + b` per batch row (the overlap-add of every tap).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, c_in, len) = x.dims3()?;
+        let cols = self.columns(len, x.device())?;
+        let w = self.weight.get()?;
+        let c_out = w.dim(1)?;
+        let w = w.reshape((c_in, c_out * self.kernel))?.t()?;
+        let rows = (0..batch)
+            .map(|b| Ok(cols.scatter(&w.matmul(&x.get(b)?.contiguous()?)?)?.squeeze(0)?))
+            .collect::<Result<Vec<_>>>()?;
+        let y = Tensor::stack(&rows, 0)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1))?)?,
+            None => y,
+        })
+    }
+
+    /// The backward pass of [`forward`](Self::forward) at input `x` `[1, C_in, L]`: input
+    /// sample `j` reached outputs `j·stride + k` through tap `k`, so the gradient gathers
+    /// those (trimmed ones are zero) into columns `dYcol` `[C_out·K, L]`, and
+    /// `∂W = X·dYcolᵀ`, `∂X = W·dYcol`.
+    fn backward(&self, x: &Tensor, dy: &Tensor, need_input: bool) -> Result<ConvGradients> {
+        let (_, c_in, len) = x.dims3()?;
+        let c_out = dy.dim(1)?;
+        let cols = self.columns(len, x.device())?.gather(dy)?;
+        let x = x.squeeze(0)?;
+        let dw = x.matmul(&cols.t()?)?.reshape((c_in, c_out, self.kernel))?;
+        let input = if need_input {
+            let w = self.weight.get()?.reshape((c_in, c_out * self.kernel))?;
+            Some(w.matmul(&cols)?.unsqueeze(0)?)
+        } else {
+            None
+        };
+        let mut params = Vec::new();
+        self.weight.backward(dw, &mut params)?;
+        if self.bias.is_some() {
+            params.push(("bias".into(), dy.squeeze(0)?.sum(1)?));
+        }
+        Ok(ConvGradients { input, params })
     }
 }
 
@@ -183,6 +280,38 @@ impl Lstm {
         }
         Ok((h + xt)?.permute((1, 2, 0))?.contiguous()?)
     }
+
+    /// [`forward`](Self::forward), keeping each layer's input and trace.
+    fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, Vec<(Tensor, Trace)>)> {
+        let xt = x.permute((2, 0, 1))?.contiguous()?;
+        let mut h = xt.clone();
+        let mut kept = Vec::with_capacity(self.layers.len());
+        for [w_ih, w_hh, b_ih, b_hh] in &self.layers {
+            let trace = lstm_layer_traced(&h, w_ih, w_hh, Some(b_ih), Some(b_hh))?;
+            let out = trace.h.clone();
+            kept.push((h, trace));
+            h = out;
+        }
+        Ok(((h + xt)?.permute((1, 2, 0))?.contiguous()?, kept))
+    }
+
+    fn backward(&self, kept: Vec<(Tensor, Trace)>, dy: &Tensor) -> Result<ConvGradients> {
+        let skip = dy.permute((2, 0, 1))?.contiguous()?; // [T, B, C]
+        let mut dh = skip.clone();
+        let mut params = Vec::new();
+        for (n, ((input, trace), [w_ih, w_hh, _, _])) in kept.iter().zip(&self.layers).enumerate().rev() {
+            let g = lstm_layer_backward(input, w_ih, w_hh, trace, &dh)?;
+            dh = g.input;
+            // Pushed in reverse; put back in stored order below.
+            params.push((format!("bias_hh_l{n}"), g.bias.clone()));
+            params.push((format!("bias_ih_l{n}"), g.bias));
+            params.push((format!("weight_hh_l{n}"), g.w_hh));
+            params.push((format!("weight_ih_l{n}"), g.w_ih));
+        }
+        params.reverse();
+        let input = (dh + skip)?.permute((1, 2, 0))?.contiguous()?;
+        Ok(ConvGradients { input: Some(input), params })
+    }
 }
 
 /// `EncodecResnetBlock`.
@@ -208,14 +337,55 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&x.elu(1.0)?)?;
-        let h = self.conv2.forward(&h.elu(1.0)?)?;
+        Ok(self.forward_saved(x)?.0)
+    }
+
+    /// The output and the first convolution's output (what the backward pass needs
+    /// besides `x`).
+    fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let h1 = self.conv1.forward(&elu(x)?)?;
+        let h = self.conv2.forward(&elu(&h1)?)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        Ok((skip + h)?)
+        Ok(((skip + h)?, h1))
     }
+
+    fn backward(&self, x: &Tensor, h1: &Tensor, dy: &Tensor, need_input: bool) -> Result<ConvGradients> {
+        let g2 = self.conv2.backward(&elu(h1)?, dy, true)?;
+        let d_h1 = elu_backward(h1, &missing_input(g2.input)?)?;
+        let g1 = self.conv1.backward(&elu(x)?, &d_h1, need_input)?;
+        let mut params = prefixed("block.1.conv", g1.params);
+        params.extend(prefixed("block.3.conv", g2.params));
+        let mut input = g1.input.map(|d| elu_backward(x, &d)).transpose()?;
+        match &self.shortcut {
+            Some(c) => {
+                let gs = c.backward(x, dy, need_input)?;
+                params.extend(prefixed("shortcut.conv", gs.params));
+                input = match (input, gs.input) {
+                    (Some(a), Some(b)) => Some((a + b)?),
+                    _ => None,
+                };
+            }
+            None => input = input.map(|d| d + dy).transpose()?,
+        }
+        Ok(ConvGradients { input, params })
+    }
+}
+
+fn missing_input(g: Option<Tensor>) -> Result<Tensor> {
+    g.ok_or_else(|| anyhow::anyhow!("a convolution's input gradient was not computed"))
+}
+
+/// Prefixes gradient names with a sub-module's path.
+fn prefixed(prefix: &str, params: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    params.into_iter().map(|(n, g)| (format!("{prefix}.{n}"), g)).collect()
+}
+
+/// `g` with its parameters' names under `prefix`.
+fn named(prefix: &str, g: ConvGradients) -> ConvGradients {
+    ConvGradients { input: g.input, params: prefixed(prefix, g.params) }
 }
 
 /// One entry of a SEANet module list (encoder or decoder).
@@ -233,7 +403,7 @@ fn run_layers(layers: &[SeanetLayer], x: &Tensor) -> Result<Tensor> {
         h = match layer {
             SeanetLayer::Conv(c) => c.forward(&h)?,
             SeanetLayer::Lstm(l) => l.forward(&h)?,
-            SeanetLayer::Elu => h.elu(1.0)?,
+            SeanetLayer::Elu => elu(&h)?,
             SeanetLayer::ConvTr(c) => c.forward(&h)?,
             SeanetLayer::Res(r) => r.forward(&h)?,
         };
@@ -287,14 +457,95 @@ impl CodecDecoder {
         run_layers(&self.layers, latent)
     }
 
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
+    /// [`forward`](Self::forward) on one latent `[1, D, T]`, keeping what
+    /// [`backward`](Self::backward) needs: every layer's input, each residual block's
+    /// inner activation and the LSTM's traces (together a few times the output's size).
+    pub fn forward_saved(&self, latent: &Tensor) -> Result<(Tensor, DecoderTape)> {
+        if latent.dim(0)? != 1 {
+            bail!("the decoder's backward pass takes one latent at a time, given {}", latent.dim(0)?);
+        }
+        let mut tape = DecoderTape { inputs: Vec::with_capacity(self.layers.len()), kept: Vec::new() };
+        let mut h = latent.clone();
+        for layer in &self.layers {
+            let (out, kept) = match layer {
+                SeanetLayer::Res(r) => {
+                    let (out, h1) = r.forward_saved(&h)?;
+                    (out, Kept::Res(h1))
+                }
+                SeanetLayer::Lstm(l) => {
+                    let (out, traces) = l.forward_saved(&h)?;
+                    (out, Kept::Lstm(traces))
+                }
+                other => (run_layers(std::slice::from_ref(other), &h)?, Kept::Nothing),
+            };
+            tape.inputs.push(std::mem::replace(&mut h, out));
+            tape.kept.push(kept);
+        }
+        Ok((h, tape))
     }
 
-    /// Runs layer `i` alone (for layer-wise recomputation of the gradient).
-    pub fn layer(&self, i: usize, h: &Tensor) -> Result<Tensor> {
-        run_layers(&self.layers[i..=i], h)
+    /// The backward pass by hand, top layer first, from the gradient of the output
+    /// `d_out`: hands each stored tensor's gradient to `sink`, named as stored below
+    /// `decoder.` (`layers.{i}.conv.weight_g`, …). Each layer's saved tensors are freed
+    /// as soon as it is done.
+    pub fn backward(
+        &self,
+        mut tape: DecoderTape,
+        d_out: &Tensor,
+        sink: &mut dyn FnMut(String, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let mut upstream = d_out.clone();
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let (Some(x), Some(kept)) = (tape.inputs.pop(), tape.kept.pop()) else {
+                bail!("the decoder's tape holds fewer layers than the decoder");
+            };
+            let need_input = i > 0;
+            let g = match (layer, kept) {
+                (SeanetLayer::Conv(c), _) => named("conv", c.backward(&x, &upstream, need_input)?),
+                (SeanetLayer::ConvTr(c), _) => named("conv", c.backward(&x, &upstream, need_input)?),
+                (SeanetLayer::Elu, _) => {
+                    ConvGradients { input: Some(elu_backward(&x, &upstream)?), params: Vec::new() }
+                }
+                (SeanetLayer::Res(r), Kept::Res(h1)) => r.backward(&x, &h1, &upstream, need_input)?,
+                (SeanetLayer::Lstm(l), Kept::Lstm(traces)) => named("lstm", l.backward(traces, &upstream)?),
+                _ => bail!("decoder layer {i}: the tape does not match the layer"),
+            };
+            for (name, grad) in g.params {
+                sink(format!("layers.{i}.{name}"), grad)?;
+            }
+            if need_input {
+                upstream = missing_input(g.input)?;
+            }
+        }
+        Ok(())
     }
+}
+
+/// What [`CodecDecoder::forward_saved`] keeps for the backward pass.
+pub struct DecoderTape {
+    inputs: Vec<Tensor>,
+    kept: Vec<Kept>,
+}
+
+impl DecoderTape {
+    pub fn bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let kept = |k: &Kept| match k {
+            Kept::Nothing => 0,
+            Kept::Res(h1) => size(h1),
+            Kept::Lstm(v) => v.iter().map(|(x, tr)| size(x) + tr.bytes()).sum(),
+        };
+        self.inputs.iter().map(size).sum::<usize>() + self.kept.iter().map(kept).sum::<usize>()
+    }
+}
+
+/// A layer's activations beyond its input, kept for its backward pass.
+enum Kept {
+    Nothing,
+    /// A residual block's first convolution's output.
+    Res(Tensor),
+    /// Each LSTM layer's input and trace.
+    Lstm(Vec<(Tensor, Trace)>),
 }
 
 /// Codebooks of the residual vector quantiser (buffers, not parameters).
@@ -472,5 +723,272 @@ impl Codec {
         let stacked = Tensor::stack(&per_channel, 1)?; // [n_q, c, T]
         let (q, c, t) = stacked.dims3()?;
         Ok(stacked.reshape((q * c, t))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::musicgen::params::ParamStore;
+
+    /// A small SEANet: reflect padding, two LSTM layers, two dilated residual blocks per
+    /// stage, weight norm and biases everywhere.
+    fn reflect_cfg() -> CodecConfig {
+        CodecConfig {
+            sample_rate: 800,
+            channels: 1,
+            dimension: 6,
+            // Residual blocks' 1×1 convolutions need two inputs per row: with one, the
+            // weight-normed kernel is g·sign(v) and ∂v is exactly zero.
+            n_filters: 4,
+            ratios: vec![4, 2],
+            kernel_size: 7,
+            last_kernel_size: 5,
+            residual_kernel_size: 3,
+            dilation_base: 2,
+            n_residual_layers: 2,
+            lstm_layers: 2,
+            compress: 2,
+            conv_shortcut: false,
+            pad_mode: PadMode::Reflect,
+            causal: false,
+            trim_right_ratio: 1.0,
+            n_q: 2,
+            card: 8,
+            codebook_dim: 6,
+        }
+    }
+
+    /// The other branches: zero padding, causal trimming split by the ratio, an odd
+    /// stride, 1×1 shortcut convolutions, no LSTM, two output channels.
+    fn causal_cfg() -> CodecConfig {
+        CodecConfig {
+            channels: 2,
+            ratios: vec![3, 2],
+            n_residual_layers: 1,
+            lstm_layers: 0,
+            conv_shortcut: true,
+            pad_mode: PadMode::Constant,
+            causal: true,
+            trim_right_ratio: 0.5,
+            ..reflect_cfg()
+        }
+    }
+
+    fn uniform(seed: u64, shape: &[usize], scale: f64) -> Tensor {
+        let data: Vec<f64> =
+            crate::rng::symmetric_uniforms(seed, shape.iter().product()).iter().map(|x| x * scale).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Every codec tensor drawn at random (seeded by its name), in f64.
+    fn random_tensors(cfg: &CodecConfig) -> HashMap<String, Tensor> {
+        let init: crate::musicgen::params::Initializer = Arc::new(|name: &str, shape: &[usize]| {
+            let seed = name.bytes().fold(17u64, |h, b| crate::rng::hash(h, &[b as u64]));
+            Ok(uniform(seed, shape, 0.7))
+        });
+        let store = ParamStore::initializing(init, "test codec", &Device::Cpu).with_dtype(DType::F64);
+        CodecDecoder::new(cfg, store.vb(true).pp("decoder")).unwrap();
+        store.claimed()
+    }
+
+    /// Turns some weight-normed convolutions into plain ones and drops some biases, so
+    /// both stored forms are differentiated.
+    fn mix_forms(tensors: &mut HashMap<String, Tensor>) {
+        let prefixes: Vec<String> = tensors
+            .keys()
+            .filter_map(|k| k.strip_suffix(".weight_g").map(str::to_string))
+            .filter(|p| p.bytes().map(|b| b as usize).sum::<usize>() % 2 == 0)
+            .collect();
+        assert!(!prefixes.is_empty());
+        for p in prefixes {
+            let g = tensors.remove(&format!("{p}.weight_g")).unwrap();
+            let v = tensors.remove(&format!("{p}.weight_v")).unwrap();
+            let w = ConvWeight::Normed { g, v }.get().unwrap();
+            tensors.insert(format!("{p}.weight"), w);
+            tensors.remove(&format!("{p}.bias"));
+        }
+    }
+
+    fn decoder(cfg: &CodecConfig, tensors: &HashMap<String, Tensor>, dtype: DType) -> (CodecDecoder, ParamStore) {
+        let store = ParamStore::new(tensors.clone(), "test codec", &Device::Cpu).with_dtype(dtype);
+        (CodecDecoder::new(cfg, store.vb(false).pp("decoder")).unwrap(), store)
+    }
+
+    /// ∇⟨decoder(z), r⟩ through `forward_saved` and `backward`, by name (`decoder.…`).
+    fn by_hand(dec: &CodecDecoder, z: &Tensor, r: &Tensor) -> HashMap<String, Tensor> {
+        let (out, tape) = dec.forward_saved(z).unwrap();
+        assert_eq!(out.dims(), r.dims());
+        assert!(tape.bytes() > 0);
+        let mut grads = HashMap::new();
+        dec.backward(tape, r, &mut |name, g| {
+            assert!(grads.insert(format!("decoder.{name}"), g).is_none(), "a gradient given twice");
+            Ok(())
+        })
+        .unwrap();
+        grads
+    }
+
+    fn max_abs(t: &Tensor) -> f64 {
+        t.to_dtype(DType::F64).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// Candle's autograd through the same forward pass, against the backward by hand.
+    fn check_against_autograd(cfg: &CodecConfig, tensors: &HashMap<String, Tensor>, frames: usize) {
+        let (dec, store) = decoder(cfg, tensors, DType::F64);
+        let z = uniform(3, &[1, cfg.dimension, frames], 1.0);
+        let hop: usize = cfg.ratios.iter().product();
+        let r = uniform(4, &[1, cfg.channels, frames * hop], 1.0);
+        let out = dec.forward(&z).unwrap();
+        let want = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let detached = CodecDecoder::new(cfg, store.vb(true).pp("decoder")).unwrap();
+        let got = by_hand(&detached, &z, &r);
+        let params = store.params();
+        assert_eq!(got.len(), params.len(), "one gradient per stored tensor");
+        for (name, var) in params {
+            let e = want.get(var.as_tensor()).unwrap_or_else(|| panic!("autograd: no gradient for {name}"));
+            let a = &got[&name];
+            assert_eq!(a.dims(), e.dims(), "{name}");
+            let scale = max_abs(e);
+            // One step of the LSTM sees h₋₁ = 0: ∇W_hh is rightly zero there.
+            if frames > 1 || !name.contains("weight_hh") {
+                assert!(scale > 1e-8, "{name}: the reference gradient vanishes, nothing is checked");
+            }
+            let err = max_abs(&(a - e).unwrap());
+            assert!(err <= 1e-10 * scale, "{name}: by hand differs from autograd by {err:e} (scale {scale:e})");
+        }
+    }
+
+    #[test]
+    fn decoder_backward_matches_autograd() {
+        let cfg = reflect_cfg();
+        check_against_autograd(&cfg, &random_tensors(&cfg), 5);
+        // One frame: shorter than the first convolution's padding (EnCodec's zero extension).
+        check_against_autograd(&cfg, &random_tensors(&cfg), 1);
+        let mut mixed = random_tensors(&cfg);
+        mix_forms(&mut mixed);
+        check_against_autograd(&cfg, &mixed, 3);
+        let cfg = causal_cfg();
+        let mut mixed = random_tensors(&cfg);
+        mix_forms(&mut mixed);
+        check_against_autograd(&cfg, &mixed, 4);
+        check_against_autograd(&cfg, &random_tensors(&cfg), 2);
+    }
+
+    #[test]
+    fn decoder_backward_matches_finite_differences() {
+        for cfg in [reflect_cfg(), causal_cfg()] {
+            let tensors = random_tensors(&cfg);
+            let frames = 3;
+            let z = uniform(5, &[1, cfg.dimension, frames], 1.0);
+            let hop: usize = cfg.ratios.iter().product();
+            let r = uniform(6, &[1, cfg.channels, frames * hop], 1.0);
+            let f = |t: &HashMap<String, Tensor>| -> f64 {
+                let (dec, _) = decoder(&cfg, t, DType::F64);
+                (dec.forward(&z).unwrap() * &r).unwrap().sum_all().unwrap().to_scalar().unwrap()
+            };
+            let (dec, _) = decoder(&cfg, &tensors, DType::F64);
+            let grads = by_hand(&dec, &z, &r);
+            let mut names: Vec<&String> = grads.keys().collect();
+            names.sort();
+            for name in names {
+                let base: Vec<f64> = tensors[name].flatten_all().unwrap().to_vec1().unwrap();
+                let g: Vec<f64> = grads[name].flatten_all().unwrap().to_vec1().unwrap();
+                for idx in [0, base.len() / 2, base.len() - 1] {
+                    let eps = 1e-6;
+                    let at = |d: f64| {
+                        let mut v = base.clone();
+                        v[idx] += d;
+                        let mut t = tensors.clone();
+                        t.insert(name.clone(), Tensor::from_vec(v, tensors[name].dims(), &Device::Cpu).unwrap());
+                        f(&t)
+                    };
+                    let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                    assert!((fd - g[idx]).abs() <= 1e-6 * (1.0 + fd.abs()), "{name}[{idx}]: fd {fd} vs {}", g[idx]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transposed_convolution_matches_its_definition() {
+        // y[b, o, j·s + k − left] += Σ_i x[b, i, j]·W[i, o, k], trimmed, plus the bias;
+        // a batch of two, both trims, an odd stride.
+        // The trims, as audiocraft's SEANet decoder sets them: non-causal, half of
+        // kernel − stride on each side; causal, ⌈ratio·(kernel − stride)⌉ on the right.
+        for (causal, ratio, stride, left, right) in [(false, 1.0, 4, 2, 2), (true, 0.5, 3, 1, 2), (true, 1.0, 2, 0, 2)]
+        {
+            let cfg = CodecConfig { causal, trim_right_ratio: ratio, ..reflect_cfg() };
+            let (c_in, c_out, kernel, len) = (3, 2, 2 * stride, 5);
+            let w = uniform(21, &[c_in, c_out, kernel], 1.0);
+            let bias = uniform(22, &[c_out], 1.0);
+            let store = ParamStore::new(
+                HashMap::from([("weight".to_string(), w.clone()), ("bias".to_string(), bias.clone())]),
+                "test",
+                &Device::Cpu,
+            )
+            .with_dtype(DType::F64);
+            let tr = ConvTr::new(&cfg, c_in, c_out, kernel, stride, store.vb(true)).unwrap();
+            let x = uniform(23, &[2, c_in, len], 1.0);
+            let y: Vec<Vec<Vec<f64>>> = tr.forward(&x).unwrap().to_vec3().unwrap();
+            let xs: Vec<Vec<Vec<f64>>> = x.to_vec3().unwrap();
+            let ws: Vec<Vec<Vec<f64>>> = w.to_vec3().unwrap();
+            let bs: Vec<f64> = bias.to_vec1().unwrap();
+            let full = (len - 1) * stride + kernel;
+            assert_eq!(y[0][0].len(), full - left - right);
+            for b in 0..2 {
+                let mut want = vec![vec![0f64; full]; c_out];
+                for i in 0..c_in {
+                    for (o, row) in want.iter_mut().enumerate() {
+                        for j in 0..len {
+                            for k in 0..kernel {
+                                row[j * stride + k] += xs[b][i][j] * ws[i][o][k];
+                            }
+                        }
+                    }
+                }
+                for o in 0..c_out {
+                    for (t, &got) in y[b][o].iter().enumerate() {
+                        let e = want[o][t + left] + bs[o];
+                        assert!((got - e).abs() < 1e-12, "causal {causal}, b {b}, o {o}, t {t}: {got} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn single_precision_kernels_match_double() {
+        // f32 takes the parallel gather / scatter / ELU loops, f64 Candle's generic ops.
+        for cfg in [reflect_cfg(), causal_cfg()] {
+            let tensors = random_tensors(&cfg);
+            let frames = 6;
+            let z = uniform(7, &[1, cfg.dimension, frames], 1.0);
+            let hop: usize = cfg.ratios.iter().product();
+            let r = uniform(8, &[1, cfg.channels, frames * hop], 1.0);
+            let detached = |dtype| {
+                let store = ParamStore::new(tensors.clone(), "test codec", &Device::Cpu).with_dtype(dtype);
+                CodecDecoder::new(&cfg, store.vb(true).pp("decoder")).unwrap()
+            };
+            let (d64, d32) = (detached(DType::F64), detached(DType::F32));
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let y64 = d64.forward(&z).unwrap();
+            let y32 = d32.forward(&f32s(&z)).unwrap();
+            assert_eq!(y32.dtype(), DType::F32);
+            let err = max_abs(&(y32.to_dtype(DType::F64).unwrap() - &y64).unwrap());
+            assert!(err <= 1e-5 * max_abs(&y64), "forward: f32 differs from f64 by {err:e}");
+            let g64 = by_hand(&d64, &z, &r);
+            let g32 = by_hand(&d32, &f32s(&z), &f32s(&r));
+            for (name, e) in &g64 {
+                let a = g32[name].to_dtype(DType::F64).unwrap();
+                let err = max_abs(&(a - e).unwrap());
+                assert!(err <= 1e-4 * max_abs(e), "{name}: f32 differs from f64 by {err:e}");
+            }
+        }
     }
 }

@@ -39,10 +39,17 @@ pub fn lstm_layer(
 
 /// What the backward pass needs of a forward run: hidden states, cell states and the
 /// activated gates `[i, f, g, o]` of every step.
-struct Trace {
-    h: Tensor,
+pub struct Trace {
+    /// Every hidden state, `[T, B, H]`: the layer's output.
+    pub h: Tensor,
     c: Tensor,
     gates: Tensor,
+}
+
+impl Trace {
+    pub fn bytes(&self) -> usize {
+        [&self.h, &self.c, &self.gates].iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+    }
 }
 
 /// Runs the recurrence on plain tensors (no graph is recorded for untracked inputs).
@@ -101,49 +108,104 @@ impl CustomOp2 for Recurrence {
     /// returned gradients.
     fn bwd(&self, xi: &Tensor, w_hh: &Tensor, _h: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (xi, w_hh, dh_all) = (xi.detach(), w_hh.detach(), grad.detach());
-        let (t_len, b, h4) = xi.dims3()?;
-        let hidden = h4 / 4;
-        if t_len == 0 {
-            return Ok((Some(xi.zeros_like()?), Some(w_hh.zeros_like()?)));
-        }
-        let Trace { h, c, gates } = run(&xi, &w_hh, true)?;
-        let zero = Tensor::zeros((b, hidden), xi.dtype(), xi.device())?;
-        let mut dh_next = zero.clone();
-        let mut dc_next = zero.clone();
-        let mut d_gates = Vec::with_capacity(t_len);
-        for t in (0..t_len).rev() {
-            let gt = gates.get(t)?;
-            let i = gt.narrow(1, 0, hidden)?;
-            let f = gt.narrow(1, hidden, hidden)?;
-            let g = gt.narrow(1, 2 * hidden, hidden)?;
-            let o = gt.narrow(1, 3 * hidden, hidden)?;
-            let c_prev = if t > 0 { c.get(t - 1)? } else { zero.clone() };
-            let tanh_c = c.get(t)?.tanh()?;
-            let dh = (dh_all.get(t)? + &dh_next)?;
-            // h = o·tanh(c);  c = f·c_prev + i·g
-            let d_o = (&dh * &tanh_c)?;
-            let dc = (&dc_next + ((&dh * &o)? * tanh_c.sqr()?.affine(-1.0, 1.0)?)?)?;
-            let di = (&dc * &g)?;
-            let dg = (&dc * &i)?;
-            let df = (&dc * &c_prev)?;
-            dc_next = (&dc * &f)?;
-            // Through the activations: σ' = σ(1 − σ), tanh' = 1 − tanh².
-            let sig_grad = |d: &Tensor, s: &Tensor| -> Result<Tensor> { d * (s * s.affine(-1.0, 1.0)?)? };
-            let da = Tensor::cat(
-                &[sig_grad(&di, &i)?, sig_grad(&df, &f)?, (dg * g.sqr()?.affine(-1.0, 1.0)?)?, sig_grad(&d_o, &o)?],
-                1,
-            )?;
-            dh_next = da.matmul(&w_hh)?;
-            d_gates.push(da);
-        }
-        d_gates.reverse();
-        let d_xi = Tensor::stack(&d_gates, 0)?; // [T, B, 4H]
-        drop(d_gates);
-        // h_{t−1} for every step: zeros, then h_0 .. h_{T−2}.
-        let h_prev = Tensor::cat(&[zero.unsqueeze(0)?, h.narrow(0, 0, t_len - 1)?], 0)?;
-        let d_w_hh = d_xi.reshape((t_len * b, h4))?.t()?.matmul(&h_prev.reshape((t_len * b, hidden))?)?;
+        let trace = run(&xi, &w_hh, true)?;
+        let (d_xi, d_w_hh) = through_time(&w_hh, &trace, &dh_all)?;
         Ok((Some(d_xi), Some(d_w_hh)))
     }
+}
+
+/// Backpropagation through time of the recurrence that left `trace`, given the gradient
+/// of every hidden state `dh_all` `[T, B, H]`: the gradients of the input projections
+/// `[T, B, 4H]` and of `W_hh`.
+fn through_time(w_hh: &Tensor, trace: &Trace, dh_all: &Tensor) -> Result<(Tensor, Tensor)> {
+    let Trace { h, c, gates } = trace;
+    let (t_len, b, h4) = gates.dims3()?;
+    let hidden = h4 / 4;
+    if t_len == 0 {
+        return Ok((gates.zeros_like()?, w_hh.zeros_like()?));
+    }
+    let zero = Tensor::zeros((b, hidden), gates.dtype(), gates.device())?;
+    let mut dh_next = zero.clone();
+    let mut dc_next = zero.clone();
+    let mut d_gates = Vec::with_capacity(t_len);
+    for t in (0..t_len).rev() {
+        let gt = gates.get(t)?;
+        let i = gt.narrow(1, 0, hidden)?;
+        let f = gt.narrow(1, hidden, hidden)?;
+        let g = gt.narrow(1, 2 * hidden, hidden)?;
+        let o = gt.narrow(1, 3 * hidden, hidden)?;
+        let c_prev = if t > 0 { c.get(t - 1)? } else { zero.clone() };
+        let tanh_c = c.get(t)?.tanh()?;
+        let dh = (dh_all.get(t)? + &dh_next)?;
+        // h = o·tanh(c);  c = f·c_prev + i·g
+        let d_o = (&dh * &tanh_c)?;
+        let dc = (&dc_next + ((&dh * &o)? * tanh_c.sqr()?.affine(-1.0, 1.0)?)?)?;
+        let di = (&dc * &g)?;
+        let dg = (&dc * &i)?;
+        let df = (&dc * &c_prev)?;
+        dc_next = (&dc * &f)?;
+        // Through the activations: σ' = σ(1 − σ), tanh' = 1 − tanh².
+        let sig_grad = |d: &Tensor, s: &Tensor| -> Result<Tensor> { d * (s * s.affine(-1.0, 1.0)?)? };
+        let da = Tensor::cat(
+            &[sig_grad(&di, &i)?, sig_grad(&df, &f)?, (dg * g.sqr()?.affine(-1.0, 1.0)?)?, sig_grad(&d_o, &o)?],
+            1,
+        )?;
+        dh_next = da.matmul(w_hh)?;
+        d_gates.push(da);
+    }
+    d_gates.reverse();
+    let d_xi = Tensor::stack(&d_gates, 0)?; // [T, B, 4H]
+    drop(d_gates);
+    // h_{t−1} for every step: zeros, then h_0 .. h_{T−2}.
+    let h_prev = Tensor::cat(&[zero.unsqueeze(0)?, h.narrow(0, 0, t_len - 1)?], 0)?;
+    let d_w_hh = d_xi.reshape((t_len * b, h4))?.t()?.matmul(&h_prev.reshape((t_len * b, hidden))?)?;
+    Ok((d_xi, d_w_hh))
+}
+
+/// A layer's forward pass that keeps what [`lstm_layer_backward`] needs: the same numbers
+/// as [`lstm_layer`] (`trace.h`), on untracked tensors.
+pub fn lstm_layer_traced(
+    x: &Tensor,
+    w_ih: &Tensor,
+    w_hh: &Tensor,
+    b_ih: Option<&Tensor>,
+    b_hh: Option<&Tensor>,
+) -> Result<Trace> {
+    let mut xi = linear(x, w_ih, b_ih)?;
+    if let Some(bh) = b_hh {
+        xi = xi.broadcast_add(bh)?;
+    }
+    run(&xi.contiguous()?, w_hh, true)
+}
+
+/// What [`lstm_layer_backward`] gives.
+pub struct LstmGradients {
+    /// `[T, B, I]`.
+    pub input: Tensor,
+    pub w_ih: Tensor,
+    pub w_hh: Tensor,
+    /// The gradient of either bias (both are added to the same sum).
+    pub bias: Tensor,
+}
+
+/// The layer's backward pass by hand, from its input `x` `[T, B, I]`, the trace of its
+/// forward pass and the gradient of every hidden state `dh` `[T, B, H]`.
+pub fn lstm_layer_backward(
+    x: &Tensor,
+    w_ih: &Tensor,
+    w_hh: &Tensor,
+    trace: &Trace,
+    dh: &Tensor,
+) -> Result<LstmGradients> {
+    let (t_len, b, input) = x.dims3()?;
+    let (d_xi, w_hh_grad) = through_time(w_hh, trace, dh)?;
+    let rows = d_xi.reshape((t_len * b, w_ih.dim(0)?))?;
+    Ok(LstmGradients {
+        input: rows.matmul(w_ih)?.reshape((t_len, b, input))?,
+        w_ih: rows.t()?.matmul(&x.reshape((t_len * b, input))?)?,
+        w_hh: w_hh_grad,
+        bias: rows.sum(0)?,
+    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod conv;
 pub mod gemv;
 pub mod lm;
 pub mod loader;

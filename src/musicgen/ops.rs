@@ -1,12 +1,13 @@
 //! Differentiable building blocks.
 //!
 //! Candle's fused kernels (`candle_nn::ops::layer_norm`, `softmax_last_dim`, ...) have
-//! no backward pass and `conv_transpose1d` refuses to differentiate. Everything on the
-//! LM and codec-decoder path is therefore composed here from primitive ops that
-//! Candle can differentiate, so that a gradient never silently goes missing.
+//! no backward pass. Everything on the LM and codec-decoder path is therefore composed
+//! here from primitive ops that Candle can differentiate, so that a gradient never
+//! silently goes missing.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Result, Tensor, WithDType, D};
+use rayon::prelude::*;
 
 /// Layer normalisation over the last dimension, composed from primitive ops.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
@@ -55,111 +56,6 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
-}
-
-/// Pads the last dimension of `x` by mirroring (PyTorch `F.pad(mode="reflect")`).
-/// Implemented with `index_select`, which Candle can differentiate.
-pub fn reflect_pad_last(x: &Tensor, left: usize, right: usize) -> Result<Tensor> {
-    if left == 0 && right == 0 {
-        return Ok(x.clone());
-    }
-    let len = x.dim(D::Minus1)?;
-    if len <= left.max(right) {
-        candle_core::bail!("reflect padding of ({left}, {right}) needs an input longer than {len}");
-    }
-    let mut idx: Vec<u32> = Vec::with_capacity(len + left + right);
-    for i in (1..=left).rev() {
-        idx.push(i as u32);
-    }
-    idx.extend(0..len as u32);
-    for i in 0..right {
-        idx.push((len - 2 - i) as u32);
-    }
-    let idx = Tensor::from_vec(idx, len + left + right, x.device())?;
-    x.contiguous()?.index_select(&idx, x.rank() - 1)
-}
-
-/// Parameters of a 1-d transposed convolution, as in `torch.nn.functional.conv_transpose1d`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvTranspose1dParams {
-    pub stride: usize,
-    pub padding: usize,
-    pub output_padding: usize,
-    pub dilation: usize,
-    pub groups: usize,
-}
-
-impl Default for ConvTranspose1dParams {
-    fn default() -> Self {
-        Self { stride: 1, padding: 0, output_padding: 0, dilation: 1, groups: 1 }
-    }
-}
-
-/// Differentiable 1-d transposed convolution.
-///
-/// `x`: `[B, C_in, L]`, `w`: `[C_in, C_out / groups, K]` (PyTorch layout).
-/// Computed as one matmul per group, `Z = Xᵀ·W` (`[B, L, C_out, K]`), followed by an
-/// overlap-add of the K taps at offsets `j·stride + k·dilation`. Matmul, pad, narrow,
-/// reshape and add all have backward passes in Candle, so gradients flow to `x` and `w`
-/// — unlike Candle's own `conv_transpose1d`, which returns `BackwardNotSupported`.
-pub fn conv_transpose1d(x: &Tensor, w: &Tensor, p: ConvTranspose1dParams) -> Result<Tensor> {
-    let (b, c_in, l) = x.dims3()?;
-    let (wc_in, c_out_g, k) = w.dims3()?;
-    let g = p.groups.max(1);
-    if wc_in != c_in || c_in % g != 0 {
-        candle_core::bail!("conv_transpose1d: input has {c_in} channels, kernel {wc_in}, groups {g}");
-    }
-    if p.stride == 0 || p.dilation == 0 {
-        candle_core::bail!("conv_transpose1d: stride and dilation must be positive");
-    }
-    let c_in_g = c_in / g;
-    let s = p.stride;
-    // Dilated kernel length: taps sit every `dilation` samples.
-    let kd = p.dilation * (k - 1) + 1;
-    let full_len = (l - 1) * s + kd;
-    let out_len = (full_len + p.output_padding)
-        .checked_sub(2 * p.padding)
-        .ok_or_else(|| candle_core::Error::Msg("conv_transpose1d: padding too large".into()))?;
-
-    let mut outs = Vec::with_capacity(g);
-    for gi in 0..g {
-        let xg = if g == 1 { x.clone() } else { x.narrow(1, gi * c_in_g, c_in_g)? };
-        let wg = if g == 1 { w.clone() } else { w.narrow(0, gi * c_in_g, c_in_g)? };
-        // [B, L, C_in_g] x [C_in_g, C_out_g*K] -> [B, L, C_out_g, K]
-        let xt = xg.transpose(1, 2)?.contiguous()?;
-        let wm = wg.reshape((c_in_g, c_out_g * k))?;
-        let z = xt.broadcast_matmul(&wm)?.reshape((b, l, c_out_g, k))?;
-        // Spread the K taps onto the dilated grid: tap k lands at offset k·dilation.
-        let z = if p.dilation > 1 {
-            let z = z.unsqueeze(4)?; // [B, L, C, K, 1]
-            let z = z.pad_with_zeros(4, 0, p.dilation - 1)?; // [B, L, C, K, d]
-            z.reshape((b, l, c_out_g, k * p.dilation))?.narrow(3, 0, kd)?
-        } else {
-            z
-        };
-        // Pad the tap axis to a multiple of the stride: kd = m·s.
-        let m = kd.div_ceil(s);
-        let z = if m * s > kd { z.pad_with_zeros(3, 0, m * s - kd)? } else { z };
-        // Chunk c holds taps [c·s, (c+1)·s): it lands on frames shifted by c.
-        let z = z.reshape((b, l, c_out_g, m, s))?;
-        let mut acc: Option<Tensor> = None;
-        for c in 0..m {
-            let zc = z.narrow(3, c, 1)?.squeeze(3)?; // [B, L, C, s]
-            let zc = zc.pad_with_zeros(1, c, m - 1 - c)?; // [B, L+m-1, C, s]
-            acc = Some(match acc {
-                None => zc,
-                Some(a) => (a + zc)?,
-            });
-        }
-        let acc = acc.expect("m >= 1");
-        // [B, L+m-1, C, s] -> [B, C, (L+m-1)·s]
-        let y = acc.permute((0, 2, 1, 3))?.reshape((b, c_out_g, (l + m - 1) * s))?;
-        let y = y.narrow(2, 0, full_len.min((l + m - 1) * s))?;
-        outs.push(y);
-    }
-    let y = if g == 1 { outs.pop().expect("one group") } else { Tensor::cat(&outs, 1)? };
-    let y = if p.output_padding > 0 { y.pad_with_zeros(2, 0, p.output_padding)? } else { y };
-    y.narrow(2, p.padding, out_len)
 }
 
 /// Sinusoidal positional embedding `[cos(p·ω_i), sin(p·ω_i)]` with
@@ -247,6 +143,63 @@ pub(crate) fn cpu_storage(t: &Tensor) -> Result<CpuStorage> {
     }
 }
 
+/// `f` on the values of a contiguous f32 CPU tensor that carries no autograd graph, in
+/// place; `None` for any other tensor, which then takes Candle's generic (differentiable)
+/// ops.
+pub(crate) fn untracked_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+    if t.dtype() != DType::F32 || t.track_op() {
+        return Ok(None);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((a, b))) => Ok(Some(f(&cpu.as_slice::<f32>()?[a..b]))),
+        _ => Ok(None),
+    }
+}
+
+/// ELU with α = 1, `x` for `x > 0`, `eˣ − 1` below; in parallel on untracked f32
+/// tensors (Candle's own runs on one thread).
+pub fn elu(x: &Tensor) -> Result<Tensor> {
+    let x = if x.track_op() { x.clone() } else { x.contiguous()? };
+    let fast = untracked_f32(&x, |v| {
+        let mut out = vec![0f32; v.len()];
+        out.par_chunks_mut(1 << 14).zip(v.par_chunks(1 << 14)).for_each(|(o, v)| {
+            for (o, &x) in o.iter_mut().zip(v) {
+                *o = if x > 0.0 { x } else { x.exp_m1() };
+            }
+        });
+        out
+    })?;
+    match fast {
+        Some(out) => Tensor::from_vec(out, x.shape(), x.device()),
+        None => x.elu(1.0),
+    }
+}
+
+/// The gradient through [`elu`] at `x`: `dy·exp(min(x, 0))` (1 above zero).
+pub fn elu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+    if x.shape() == dy.shape() {
+        let fast = untracked_f32(&x, |xs| {
+            untracked_f32(&dy, |ds| {
+                let mut out = vec![0f32; xs.len()];
+                out.par_chunks_mut(1 << 14).zip(xs.par_chunks(1 << 14).zip(ds.par_chunks(1 << 14))).for_each(
+                    |(o, (xs, ds))| {
+                        for ((o, &x), &d) in o.iter_mut().zip(xs).zip(ds) {
+                            *o = d * x.min(0.0).exp();
+                        }
+                    },
+                );
+                out
+            })
+        })?;
+        if let Some(Some(out)) = fast.transpose()? {
+            return Tensor::from_vec(out, x.shape(), x.device());
+        }
+    }
+    dy * x.minimum(0.0)?.exp()?
+}
+
 /// Calls `f` on a CPU tensor's values as f32, borrowed in place when they already are
 /// contiguous f32 (a gradient of the model's size is not copied), converted otherwise.
 pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> anyhow::Result<R>) -> anyhow::Result<R> {
@@ -264,129 +217,6 @@ pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> anyhow::Result<R
 mod tests {
     use super::*;
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let data: Vec<f32> =
-            crate::rng::symmetric_uniforms(seed, shape.iter().product()).into_iter().map(|x| x as f32).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
-        diff / scale
-    }
-
-    /// Direct definition of PyTorch's conv_transpose1d, as loops.
-    fn naive_conv_transpose1d(x: &Tensor, w: &Tensor, p: ConvTranspose1dParams) -> Tensor {
-        let (b, c_in, l) = x.dims3().unwrap();
-        let (_, c_out_g, k) = w.dims3().unwrap();
-        let g = p.groups;
-        let out_len = (l - 1) * p.stride + p.dilation * (k - 1) + p.output_padding + 1 - 2 * p.padding;
-        let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-        let c_out = c_out_g * g;
-        let mut y = vec![0f32; b * c_out * out_len];
-        for bi in 0..b {
-            for i in 0..c_in {
-                let gi = i / (c_in / g);
-                for j in 0..l {
-                    for o in 0..c_out_g {
-                        for kk in 0..k {
-                            let pos = (j * p.stride + kk * p.dilation) as isize - p.padding as isize;
-                            if pos >= 0 && (pos as usize) < out_len {
-                                let oc = gi * c_out_g + o;
-                                y[(bi * c_out + oc) * out_len + pos as usize] +=
-                                    xv[(bi * c_in + i) * l + j] * wv[(i * c_out_g + o) * k + kk];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(y, (b, c_out, out_len), &Device::Cpu).unwrap()
-    }
-
-    #[test]
-    fn conv_transpose1d_matches_definition() {
-        // Candle's own conv_transpose1d mixes up batch items (batch > 1), so the
-        // reference is the definition itself.
-        for &(s, pad, op, d, g) in &[
-            (1, 0, 0, 1, 1),
-            (2, 0, 0, 1, 1),
-            (4, 2, 0, 1, 1),
-            (3, 1, 1, 1, 1),
-            (2, 0, 0, 2, 1),
-            (5, 2, 1, 3, 1),
-            (2, 1, 0, 1, 2),
-        ] {
-            let x = randn(&[2, 4, 6], 1);
-            let w = randn(&[4, 6 / g, 5], 2);
-            let ours = conv_transpose1d(
-                &x,
-                &w,
-                ConvTranspose1dParams { stride: s, padding: pad, output_padding: op, dilation: d, groups: g },
-            )
-            .unwrap();
-            let reference = naive_conv_transpose1d(
-                &x,
-                &w,
-                ConvTranspose1dParams { stride: s, padding: pad, output_padding: op, dilation: d, groups: g },
-            );
-            assert_eq!(ours.dims(), reference.dims(), "shape for s={s} p={pad} op={op} d={d} g={g}");
-            assert!(max_rel(&ours, &reference) < 1e-5, "values for s={s} p={pad} op={op} d={d} g={g}");
-        }
-    }
-
-    #[test]
-    fn conv_transpose1d_backward_matches_finite_differences() {
-        use candle_core::Var;
-        for &(s, pad, op, d, g) in &[(2, 0, 0, 1, 1), (3, 1, 1, 1, 1), (2, 1, 0, 2, 1), (2, 0, 1, 1, 2)] {
-            let p = ConvTranspose1dParams { stride: s, padding: pad, output_padding: op, dilation: d, groups: g };
-            let x = Var::from_tensor(&randn(&[1, 4, 5], 3).to_dtype(DType::F64).unwrap()).unwrap();
-            let w = Var::from_tensor(&randn(&[4, 4 / g, 3], 4).to_dtype(DType::F64).unwrap()).unwrap();
-            // A weighted sum makes every output position matter differently.
-            let y0 = conv_transpose1d(&x, &w, p).unwrap();
-            let weights = randn(y0.dims(), 5).to_dtype(DType::F64).unwrap();
-            let f = |x: &Tensor, w: &Tensor| -> f64 {
-                (conv_transpose1d(x, w, p).unwrap() * &weights).unwrap().sum_all().unwrap().to_scalar().unwrap()
-            };
-            let loss = (y0 * &weights).unwrap().sum_all().unwrap();
-            let grads = loss.backward().unwrap();
-            for (var, other, is_x) in [(&x, &w, true), (&w, &x, false)] {
-                let grad: Vec<f64> = grads.get(var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-                let base: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
-                let eps = 1e-6;
-                for idx in 0..base.len() {
-                    let mut plus = base.clone();
-                    plus[idx] += eps;
-                    let mut minus = base.clone();
-                    minus[idx] -= eps;
-                    let tp = Tensor::from_vec(plus, var.dims(), &Device::Cpu).unwrap();
-                    let tm = Tensor::from_vec(minus, var.dims(), &Device::Cpu).unwrap();
-                    let (fp, fm) = if is_x {
-                        (f(&tp, other.as_tensor()), f(&tm, other.as_tensor()))
-                    } else {
-                        (f(other.as_tensor(), &tp), f(other.as_tensor(), &tm))
-                    };
-                    let fd = (fp - fm) / (2.0 * eps);
-                    assert!(
-                        (fd - grad[idx]).abs() < 1e-6 * (1.0 + fd.abs()),
-                        "s={s} p={pad} op={op} d={d} g={g} {} [{idx}]: fd {fd} vs autograd {}",
-                        if is_x { "x" } else { "w" },
-                        grad[idx]
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn reflect_pad_mirrors_without_edge() {
-        let x = Tensor::from_vec(vec![1f32, 2., 3., 4.], (1, 1, 4), &Device::Cpu).unwrap();
-        let y: Vec<f32> = reflect_pad_last(&x, 2, 3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(y, vec![3., 2., 1., 2., 3., 4., 3., 2., 1.]);
-    }
-
     #[test]
     fn layer_norm_matches_closed_form() {
         let x = Tensor::from_vec(vec![1f32, 2., 3., 6.], (1, 4), &Device::Cpu).unwrap();
@@ -398,6 +228,28 @@ mod tests {
         let expect = [-2.0 / sd, -2.0 / sd, 1.0, 3.0 / sd];
         for (a, e) in y.iter().zip(expect) {
             assert!((a - e).abs() < 1e-6, "{a} vs {e}");
+        }
+    }
+
+    #[test]
+    fn elu_and_its_gradient_match_closed_forms() {
+        let xs = [-30.0f32, -2.5, -1e-3, 0.0, 1e-3, 0.7, 40.0];
+        let dys = [0.3f32, -1.2, 2.0, 0.5, -0.25, 1.5, -3.0];
+        // Long enough for several parallel chunks; f32 takes the loops, f64 Candle's ops.
+        let n = 3 * (1 << 14) + 5;
+        let x: Vec<f32> = (0..n).map(|i| xs[i % xs.len()]).collect();
+        let dy: Vec<f32> = (0..n).map(|i| dys[i % dys.len()]).collect();
+        for dtype in [DType::F32, DType::F64] {
+            let xt = Tensor::from_vec(x.clone(), n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let dt = Tensor::from_vec(dy.clone(), n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let y: Vec<f64> = elu(&xt).unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+            let g: Vec<f64> = elu_backward(&xt, &dt).unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+            for i in 0..n {
+                let (x, d) = (x[i] as f64, dy[i] as f64);
+                let (want_y, want_g) = if x > 0.0 { (x, d) } else { (x.exp() - 1.0, d * x.exp()) };
+                assert!((y[i] - want_y).abs() <= 1e-6 * (1.0 + want_y.abs()), "{dtype:?} elu({x}) = {}", y[i]);
+                assert!((g[i] - want_g).abs() <= 1e-6 * (1.0 + want_g.abs()), "{dtype:?} elu'({x})·{d} = {}", g[i]);
+            }
         }
     }
 
