@@ -12,7 +12,7 @@ use candle_nn::kv_cache::KvCache;
 
 use super::attention::attention;
 use super::config::LmConfig;
-use super::ops::{embedding, layer_norm, linear, sinusoidal_positions};
+use super::ops::{embedding, gelu_erf, gelu_erf_backward, layer_norm, linear, sinusoidal_positions};
 use super::params::Vb;
 
 /// Layer norm weights.
@@ -75,13 +75,6 @@ fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tenso
     let dw = dy_rows.t()?.matmul(&rows(x)?)?;
     let dx = dy_rows.matmul(w)?.reshape(x.shape())?;
     Ok((dx, dw))
-}
-
-/// d gelu(u)/du for the erf form: Φ(u) + u·φ(u).
-fn gelu_erf_derivative(u: &Tensor) -> Result<Tensor> {
-    let cdf = ((u * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
-    let pdf = ((u.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
-    Ok((cdf? + (u * pdf)?)?)
 }
 
 /// Multi-head attention with a packed `in_proj_weight` ([q; k; v], no biases).
@@ -225,7 +218,7 @@ impl Layer {
                 (h + c)?
             }
         };
-        let ff = linear(&linear(&self.norm2.forward(&h)?, &self.linear1, None)?.gelu_erf()?, &self.linear2, None)?;
+        let ff = linear(&gelu_erf(&linear(&self.norm2.forward(&h)?, &self.linear1, None)?)?, &self.linear2, None)?;
         Ok((h + ff)?)
     }
     /// The gradients of `⟨forward(x), d_out⟩` by hand: the forward is run again keeping
@@ -284,7 +277,7 @@ impl Layer {
         };
         let (f, f_saved) = self.norm2.forward_saved(&h2)?;
         let u = linear(&f, &self.linear1, None)?;
-        let g = u.gelu_erf()?;
+        let g = gelu_erf(&u)?;
         let out = if with_output { Some((&h2 + linear(&g, &self.linear2, None)?)?) } else { None };
         let saved = LayerSaved { rows: b, n_cond, a, a_saved, q, k, v, m1, cross, f, f_saved, u, g };
         Ok((out, saved))
@@ -296,7 +289,7 @@ impl Layer {
         let (sa, ca) = (&self.self_attn, &self.cross_attn);
         // Feed-forward.
         let (dg, d_linear2) = linear_backward(&g, &self.linear2, d_out)?;
-        let du = (dg * gelu_erf_derivative(&u)?)?;
+        let du = gelu_erf_backward(&u, &dg)?;
         let (df, d_linear1) = linear_backward(&f, &self.linear1, &du)?;
         let (dh, d_norm2_w, d_norm2_b) = self.norm2.backward(&f_saved, &df)?;
         let d_h2 = (d_out + dh)?;

@@ -157,47 +157,74 @@ pub(crate) fn untracked_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Resul
     }
 }
 
+/// `f(x[i], y[i])` over two same-shaped untracked f32 tensors, in parallel chunks;
+/// `None` when either is not such a tensor.
+fn zip_map_f32(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Option<Tensor>> {
+    if x.shape() != y.shape() {
+        return Ok(None);
+    }
+    let (x, y) = (x.contiguous()?, y.contiguous()?);
+    let out = untracked_f32(&x, |xs| {
+        untracked_f32(&y, |ys| {
+            let mut out = vec![0f32; xs.len()];
+            out.par_chunks_mut(1 << 14).zip(xs.par_chunks(1 << 14).zip(ys.par_chunks(1 << 14))).for_each(
+                |(o, (xs, ys))| {
+                    for ((o, &a), &b) in o.iter_mut().zip(xs).zip(ys) {
+                        *o = f(a, b);
+                    }
+                },
+            );
+            out
+        })
+    })?;
+    match out.transpose()?.flatten() {
+        Some(v) => Ok(Some(Tensor::from_vec(v, x.shape(), x.device())?)),
+        None => Ok(None),
+    }
+}
+
+/// GELU, erf form: `x·Φ(x)`. On untracked f32 tensors in parallel, with the formula and
+/// `erff` of Candle's `gelu_erf` (the same bits; Candle's runs on one thread).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    match zip_map_f32(x, x, |v, _| (libm::erff(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v)? {
+        Some(y) => Ok(y),
+        None => x.gelu_erf(),
+    }
+}
+
+/// The gradient through [`gelu_erf`] at `u`: `dy·(Φ(u) + u·φ(u))`.
+pub fn gelu_erf_backward(u: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
+    // 1/√(2π), exactly (Candle's own GELU backward rounds it to 0.398942).
+    let inv_sqrt_2pi = 0.5 * FRAC_2_SQRT_PI * FRAC_1_SQRT_2;
+    let fast = zip_map_f32(u, dy, |u, d| {
+        let cdf = (libm::erff(u * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
+        let pdf = (-0.5 * u * u).exp() * inv_sqrt_2pi as f32;
+        d * (cdf + u * pdf)
+    })?;
+    if let Some(g) = fast {
+        return Ok(g);
+    }
+    let cdf = ((u * FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+    let pdf = ((u.sqr()? * -0.5)?.exp()? * inv_sqrt_2pi)?;
+    dy * (cdf? + (u * pdf)?)?
+}
+
 /// ELU with α = 1, `x` for `x > 0`, `eˣ − 1` below; in parallel on untracked f32
 /// tensors (Candle's own runs on one thread).
 pub fn elu(x: &Tensor) -> Result<Tensor> {
-    let x = if x.track_op() { x.clone() } else { x.contiguous()? };
-    let fast = untracked_f32(&x, |v| {
-        let mut out = vec![0f32; v.len()];
-        out.par_chunks_mut(1 << 14).zip(v.par_chunks(1 << 14)).for_each(|(o, v)| {
-            for (o, &x) in o.iter_mut().zip(v) {
-                *o = if x > 0.0 { x } else { x.exp_m1() };
-            }
-        });
-        out
-    })?;
-    match fast {
-        Some(out) => Tensor::from_vec(out, x.shape(), x.device()),
+    match zip_map_f32(x, x, |v, _| if v > 0.0 { v } else { v.exp_m1() })? {
+        Some(y) => Ok(y),
         None => x.elu(1.0),
     }
 }
 
 /// The gradient through [`elu`] at `x`: `dy·exp(min(x, 0))` (1 above zero).
 pub fn elu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let (x, dy) = (x.contiguous()?, dy.contiguous()?);
-    if x.shape() == dy.shape() {
-        let fast = untracked_f32(&x, |xs| {
-            untracked_f32(&dy, |ds| {
-                let mut out = vec![0f32; xs.len()];
-                out.par_chunks_mut(1 << 14).zip(xs.par_chunks(1 << 14).zip(ds.par_chunks(1 << 14))).for_each(
-                    |(o, (xs, ds))| {
-                        for ((o, &x), &d) in o.iter_mut().zip(xs).zip(ds) {
-                            *o = d * x.min(0.0).exp();
-                        }
-                    },
-                );
-                out
-            })
-        })?;
-        if let Some(Some(out)) = fast.transpose()? {
-            return Tensor::from_vec(out, x.shape(), x.device());
-        }
+    match zip_map_f32(x, dy, |x, d| d * x.min(0.0).exp())? {
+        Some(g) => Ok(g),
+        None => dy * x.minimum(0.0)?.exp()?,
     }
-    dy * x.minimum(0.0)?.exp()?
 }
 
 /// Calls `f` on a CPU tensor's values as f32, borrowed in place when they already are
@@ -249,6 +276,38 @@ mod tests {
                 let (want_y, want_g) = if x > 0.0 { (x, d) } else { (x.exp() - 1.0, d * x.exp()) };
                 assert!((y[i] - want_y).abs() <= 1e-6 * (1.0 + want_y.abs()), "{dtype:?} elu({x}) = {}", y[i]);
                 assert!((g[i] - want_g).abs() <= 1e-6 * (1.0 + want_g.abs()), "{dtype:?} elu'({x})·{d} = {}", g[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_is_candles_and_its_gradient_the_closed_form() {
+        let n = 3 * (1 << 14) + 7;
+        let u: Vec<f32> = (0..n).map(|i| (i as f32 / n as f32 - 0.5) * 16.0).collect();
+        let dy: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 / 6.5 - 1.0).collect();
+        let ut = Tensor::from_vec(u.clone(), n, &Device::Cpu).unwrap();
+        let dt = Tensor::from_vec(dy.clone(), n, &Device::Cpu).unwrap();
+        // The parallel loop gives Candle's bits.
+        let ours: Vec<f32> = gelu_erf(&ut).unwrap().to_vec1().unwrap();
+        let candle: Vec<f32> = ut.gelu_erf().unwrap().to_vec1().unwrap();
+        let first = ours.iter().zip(&candle).position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(first.is_none(), "differs from Candle's gelu_erf at u = {}", u[first.unwrap_or(0)]);
+        // dy·(Φ(u) + u·φ(u)), Φ from erf in f64; the f32 loop and the f64 tensor path.
+        let want: Vec<f64> = u
+            .iter()
+            .zip(&dy)
+            .map(|(&u, &d)| {
+                let (u, d) = (u as f64, d as f64);
+                let cdf = 0.5 * (1.0 + libm::erf(u / std::f64::consts::SQRT_2));
+                let pdf = (-0.5 * u * u).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                d * (cdf + u * pdf)
+            })
+            .collect();
+        for dtype in [DType::F32, DType::F64] {
+            let g = gelu_erf_backward(&ut.to_dtype(dtype).unwrap(), &dt.to_dtype(dtype).unwrap()).unwrap();
+            let g: Vec<f64> = g.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+            for i in 0..n {
+                assert!((g[i] - want[i]).abs() <= 1e-6 * (1.0 + want[i].abs()), "{dtype:?} at u = {}: {}", u[i], g[i]);
             }
         }
     }
