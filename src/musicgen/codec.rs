@@ -119,6 +119,9 @@ impl Conv {
 
     /// The im2col pattern over an input of `len` samples, padding included.
     fn columns(&self, len: usize, device: &Device) -> Result<Columns> {
+        if len == 0 {
+            bail!("a convolution over zero samples");
+        }
         let (left, right) = self.padding(len);
         let src = pad_source(len, left, right, self.pad_mode);
         let k_eff = (self.kernel - 1) * self.dilation + 1;
@@ -201,6 +204,9 @@ impl ConvTr {
     /// Where the taps land: input sample `j`'s tap `k` is output `j·stride + k − left`
     /// (outside the kept range: trimmed away).
     fn columns(&self, len: usize, device: &Device) -> Result<Columns> {
+        if len == 0 {
+            bail!("a transposed convolution over zero samples");
+        }
         let (left, right) = self.trim();
         let full = (len - 1) * self.stride + self.kernel;
         let out_len = full
