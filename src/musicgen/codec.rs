@@ -60,6 +60,14 @@ impl ConvWeight {
     }
 }
 
+/// `y` `[B, C, T]` plus a per-channel bias.
+fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1))?)?,
+        None => y,
+    })
+}
+
 /// What a convolution's backward pass gives: the input's gradient (when asked for) and
 /// the stored tensors' gradients, named as stored (`weight_g`, `weight_v` or `weight`,
 /// then `bias`).
@@ -137,11 +145,7 @@ impl Conv {
         let c_out = w.dim(0)?;
         let w = w.reshape((c_out, c_in * self.kernel))?;
         let rows = (0..batch).map(|b| Ok(w.matmul(&cols.gather(&x.narrow(0, b, 1)?)?)?)).collect::<Result<Vec<_>>>()?;
-        let y = Tensor::stack(&rows, 0)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1))?)?,
-            None => y,
-        })
+        with_bias(Tensor::stack(&rows, 0)?, self.bias.as_ref())
     }
 
     /// The backward pass of [`forward`](Self::forward) at input `x` `[1, C_in, L]`, given
@@ -226,11 +230,7 @@ impl ConvTr {
         let rows = (0..batch)
             .map(|b| Ok(cols.scatter(&w.matmul(&x.get(b)?.contiguous()?)?)?.squeeze(0)?))
             .collect::<Result<Vec<_>>>()?;
-        let y = Tensor::stack(&rows, 0)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1))?)?,
-            None => y,
-        })
+        with_bias(Tensor::stack(&rows, 0)?, self.bias.as_ref())
     }
 
     /// The backward pass of [`forward`](Self::forward) at input `x` `[1, C_in, L]`: input

@@ -25,16 +25,21 @@ pub fn lstm_layer(
     b_ih: Option<&Tensor>,
     b_hh: Option<&Tensor>,
 ) -> Result<Tensor> {
-    // Input projections of all time steps in one matmul.
-    let mut xi = linear(x, w_ih, b_ih)?;
-    if let Some(bh) = b_hh {
-        xi = xi.broadcast_add(bh)?;
-    }
+    let xi = input_projections(x, w_ih, b_ih, b_hh)?;
     let (_, _, h4) = xi.dims3()?;
     if w_hh.dims() != [h4, h4 / 4] || h4 % 4 != 0 {
         candle_core::bail!("lstm: weight_hh is {:?}, expected [{h4}, {}]", w_hh.dims(), h4 / 4);
     }
     xi.contiguous()?.apply_op2(&w_hh.contiguous()?, Recurrence)
+}
+
+/// `X·W_ihᵀ + b_ih + b_hh` for all time steps in one matmul.
+fn input_projections(x: &Tensor, w_ih: &Tensor, b_ih: Option<&Tensor>, b_hh: Option<&Tensor>) -> Result<Tensor> {
+    let xi = linear(x, w_ih, b_ih)?;
+    match b_hh {
+        Some(bh) => xi.broadcast_add(bh),
+        None => Ok(xi),
+    }
 }
 
 /// What the backward pass needs of a forward run: hidden states, cell states and the
@@ -171,11 +176,7 @@ pub fn lstm_layer_traced(
     b_ih: Option<&Tensor>,
     b_hh: Option<&Tensor>,
 ) -> Result<Trace> {
-    let mut xi = linear(x, w_ih, b_ih)?;
-    if let Some(bh) = b_hh {
-        xi = xi.broadcast_add(bh)?;
-    }
-    run(&xi.contiguous()?, w_hh, true)
+    run(&input_projections(x, w_ih, b_ih, b_hh)?.contiguous()?, w_hh, true)
 }
 
 /// What [`lstm_layer_backward`] gives.
