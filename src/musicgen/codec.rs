@@ -840,6 +840,12 @@ mod tests {
         grads
     }
 
+    /// A random latent of `frames` frames and random weights `r` for `⟨decoder(z), r⟩`.
+    fn latent_and_weights(cfg: &CodecConfig, frames: usize, seed: u64) -> (Tensor, Tensor) {
+        let hop: usize = cfg.ratios.iter().product();
+        (uniform(seed, &[1, cfg.dimension, frames], 1.0), uniform(seed + 1, &[1, cfg.channels, frames * hop], 1.0))
+    }
+
     fn max_abs(t: &Tensor) -> f64 {
         t.to_dtype(DType::F64).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
@@ -847,9 +853,7 @@ mod tests {
     /// Candle's autograd through the same forward pass, against the backward by hand.
     fn check_against_autograd(cfg: &CodecConfig, tensors: &HashMap<String, Tensor>, frames: usize) {
         let (dec, store) = decoder(cfg, tensors, DType::F64);
-        let z = uniform(3, &[1, cfg.dimension, frames], 1.0);
-        let hop: usize = cfg.ratios.iter().product();
-        let r = uniform(4, &[1, cfg.channels, frames * hop], 1.0);
+        let (z, r) = latent_and_weights(cfg, frames, 3);
         let out = dec.forward(&z).unwrap();
         let want = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let detached = CodecDecoder::new(cfg, store.vb(true).pp("decoder")).unwrap();
@@ -891,9 +895,7 @@ mod tests {
         for cfg in [reflect_cfg(), causal_cfg()] {
             let tensors = random_tensors(&cfg);
             let frames = 3;
-            let z = uniform(5, &[1, cfg.dimension, frames], 1.0);
-            let hop: usize = cfg.ratios.iter().product();
-            let r = uniform(6, &[1, cfg.channels, frames * hop], 1.0);
+            let (z, r) = latent_and_weights(&cfg, frames, 5);
             let f = |t: &HashMap<String, Tensor>| -> f64 {
                 let (dec, _) = decoder(&cfg, t, DType::F64);
                 (dec.forward(&z).unwrap() * &r).unwrap().sum_all().unwrap().to_scalar().unwrap()
@@ -974,9 +976,7 @@ mod tests {
         for cfg in [reflect_cfg(), causal_cfg()] {
             let tensors = random_tensors(&cfg);
             let frames = 6;
-            let z = uniform(7, &[1, cfg.dimension, frames], 1.0);
-            let hop: usize = cfg.ratios.iter().product();
-            let r = uniform(8, &[1, cfg.channels, frames * hop], 1.0);
+            let (z, r) = latent_and_weights(&cfg, frames, 7);
             let detached = |dtype| {
                 let store = ParamStore::new(tensors.clone(), "test codec", &Device::Cpu).with_dtype(dtype);
                 CodecDecoder::new(&cfg, store.vb(true).pp("decoder")).unwrap()

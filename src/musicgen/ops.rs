@@ -143,18 +143,30 @@ pub(crate) fn cpu_storage(t: &Tensor) -> Result<CpuStorage> {
     }
 }
 
+/// `f` on the values of a contiguous f32 CPU tensor, borrowed in place; `Err(f)` (the
+/// closure handed back) for any other tensor.
+fn in_place_f32<R, F: FnOnce(&[f32]) -> R>(t: &Tensor, f: F) -> std::result::Result<R, F> {
+    if t.dtype() != DType::F32 {
+        return Err(f);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((a, b))) => match cpu.as_slice::<f32>() {
+            Ok(values) => Ok(f(&values[a..b])),
+            Err(_) => Err(f),
+        },
+        _ => Err(f),
+    }
+}
+
 /// `f` on the values of a contiguous f32 CPU tensor that carries no autograd graph, in
 /// place; `None` for any other tensor, which then takes Candle's generic (differentiable)
 /// ops.
 pub(crate) fn untracked_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
-    if t.dtype() != DType::F32 || t.track_op() {
+    if t.track_op() {
         return Ok(None);
     }
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(cpu), Some((a, b))) => Ok(Some(f(&cpu.as_slice::<f32>()?[a..b]))),
-        _ => Ok(None),
-    }
+    Ok(in_place_f32(t, f).ok())
 }
 
 /// `f(x[i], y[i])` over two same-shaped untracked f32 tensors, in parallel chunks;
@@ -230,14 +242,10 @@ pub fn elu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 /// Calls `f` on a CPU tensor's values as f32, borrowed in place when they already are
 /// contiguous f32 (a gradient of the model's size is not copied), converted otherwise.
 pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> anyhow::Result<R>) -> anyhow::Result<R> {
-    if t.dtype() == DType::F32 {
-        let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
-            return f(&cpu.as_slice::<f32>()?[start..end]);
-        }
+    match in_place_f32(t, f) {
+        Ok(r) => r,
+        Err(f) => f(&t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
     }
-    let values: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-    f(&values)
 }
 
 #[cfg(test)]
@@ -256,6 +264,28 @@ mod tests {
         for (a, e) in y.iter().zip(expect) {
             assert!((a - e).abs() < 1e-6, "{a} vs {e}");
         }
+    }
+
+    #[test]
+    fn only_untracked_contiguous_f32_takes_the_loops() {
+        // The other tests compare the f32 loops with Candle's ops; they would also pass if
+        // the loops were never taken, or taken for a tracked tensor (whose gradient would
+        // then be lost). This pins down which path each tensor takes.
+        let plain = Tensor::from_vec(vec![1f32, -2.0, 3.0, -4.0], (2, 2), &Device::Cpu).unwrap();
+        let sum = |t: &Tensor| untracked_f32(t, |v| v.iter().sum::<f32>()).unwrap();
+        assert_eq!(sum(&plain), Some(-2.0));
+        assert_eq!(sum(&plain.narrow(0, 1, 1).unwrap()), Some(-1.0), "a contiguous view is read in place");
+        assert_eq!(sum(&plain.t().unwrap()), None, "a transposed view is not contiguous");
+        assert_eq!(sum(&plain.to_dtype(DType::F64).unwrap()), None);
+        let var = candle_core::Var::from_tensor(&plain).unwrap();
+        assert_eq!(sum(&(var.as_tensor() * 2.0).unwrap()), None, "a tracked tensor keeps its graph");
+        // ELU of a tracked input still reaches the input through autograd.
+        let grads = elu(var.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(var.as_tensor()).is_some());
+        // with_f32_values reads any tensor, in place or converted.
+        let total = |t: &Tensor| with_f32_values(t, |v| Ok(v.iter().sum::<f32>())).unwrap();
+        assert_eq!(total(&plain.t().unwrap()), -2.0);
+        assert_eq!(total(&plain.to_dtype(DType::F64).unwrap()), -2.0);
     }
 
     #[test]
