@@ -12,7 +12,9 @@ use candle_nn::kv_cache::KvCache;
 
 use super::attention::attention;
 use super::config::LmConfig;
-use super::ops::{embedding, gelu_erf, gelu_erf_backward, layer_norm, linear, sinusoidal_positions};
+use super::ops::{
+    embedding, gelu_erf, gelu_erf_backward, layer_norm, layer_norm_backward_f32, linear, sinusoidal_positions,
+};
 use super::params::Vb;
 
 /// Layer norm weights.
@@ -45,6 +47,9 @@ impl Norm {
     /// `dx = (dx̂ − mean(dx̂) − x̂·mean(dx̂ ⊙ x̂)) / σ` with `dx̂ = dy·w`.
     fn backward(&self, saved: &NormSaved, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let NormSaved { x_hat, inv_std } = saved;
+        if let Some(fused) = layer_norm_backward_f32(x_hat, inv_std, &self.weight, dy)? {
+            return Ok(fused);
+        }
         let (dy_rows, x_hat_rows) = (rows(dy)?, rows(x_hat)?);
         let d_weight = (&dy_rows * &x_hat_rows)?.sum(0)?;
         let d_bias = dy_rows.sum(0)?;

@@ -195,6 +195,87 @@ fn zip_map_f32(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Re
     }
 }
 
+/// Rows of a layer norm's backward handled by one task: the weight and bias gradients
+/// are summed per block, then the blocks in order, so the bits do not depend on the
+/// thread count.
+const NORM_ROWS: usize = 16;
+
+/// The backward of a layer norm `y = x̂·w + b` over the last dimension, from the forward
+/// pass's x̂ and 1/σ (one per row): `(dx, dw, db)` with `dx̂ = dy·w`,
+/// `dx = (dx̂ − mean(dx̂) − x̂·mean(dx̂ ⊙ x̂))/σ`, `dw = Σ_rows dy·x̂`, `db = Σ_rows dy`.
+/// One pass per row, rows in parallel, sums in f64 (Candle's ops take ten passes over
+/// the activations, the reductions on one thread). `None` unless `dy` and `x̂` are
+/// untracked f32 tensors of the same shape, whose last dimension is `w`'s.
+pub fn layer_norm_backward_f32(
+    x_hat: &Tensor,
+    inv_std: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let n = weight.elem_count();
+    let f32s = [x_hat, inv_std, weight, dy].iter().all(|t| t.dtype() == DType::F32);
+    if !f32s || n == 0 || dy.shape() != x_hat.shape() || dy.dim(D::Minus1)? != n {
+        return Ok(None);
+    }
+    let rows = dy.elem_count() / n;
+    if inv_std.elem_count() != rows {
+        return Ok(None);
+    }
+    let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+    let inv: Vec<f32> = inv_std.flatten_all()?.to_vec1()?;
+    let (x_hat, dy) = (x_hat.contiguous()?, dy.contiguous()?);
+    let out = untracked_f32(&dy, |dys| {
+        untracked_f32(&x_hat, |xhs| {
+            let mut dx = vec![0f32; dys.len()];
+            let sums: Vec<(Vec<f64>, Vec<f64>)> = dx
+                .par_chunks_mut(NORM_ROWS * n)
+                .zip(dys.par_chunks(NORM_ROWS * n).zip(xhs.par_chunks(NORM_ROWS * n)))
+                .zip(inv.par_chunks(NORM_ROWS))
+                .map(|((dx, (dy, xh)), inv)| {
+                    let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
+                    for (((dx, dy), xh), &inv) in dx.chunks_mut(n).zip(dy.chunks(n)).zip(xh.chunks(n)).zip(inv) {
+                        let (mut mean, mut mean_x) = (0f64, 0f64);
+                        for (((&g, &x), &w), (dw, db)) in
+                            dy.iter().zip(xh).zip(&w).zip(dw.iter_mut().zip(db.iter_mut()))
+                        {
+                            let (g, x) = (g as f64, x as f64);
+                            let d = g * w as f64;
+                            mean += d;
+                            mean_x += d * x;
+                            *dw += g * x;
+                            *db += g;
+                        }
+                        let (mean, mean_x) = (mean / n as f64, mean_x / n as f64);
+                        for ((o, (&g, &x)), &w) in dx.iter_mut().zip(dy.iter().zip(xh)).zip(&w) {
+                            *o = ((g as f64 * w as f64 - mean - x as f64 * mean_x) * inv as f64) as f32;
+                        }
+                    }
+                    (dw, db)
+                })
+                .collect();
+            let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
+            for (pw, pb) in &sums {
+                for (a, b) in dw.iter_mut().zip(pw) {
+                    *a += b;
+                }
+                for (a, b) in db.iter_mut().zip(pb) {
+                    *a += b;
+                }
+            }
+            let narrow = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+            (dx, narrow(dw), narrow(db))
+        })
+    })?;
+    match out.transpose()?.flatten() {
+        Some((dx, dw, db)) => Ok(Some((
+            Tensor::from_vec(dx, dy.shape(), dy.device())?,
+            Tensor::from_vec(dw, weight.shape(), dy.device())?,
+            Tensor::from_vec(db, weight.shape(), dy.device())?,
+        ))),
+        None => Ok(None),
+    }
+}
+
 /// GELU, erf form: `x·Φ(x)`. On untracked f32 tensors in parallel, with the formula and
 /// `erff` of Candle's `gelu_erf` (the same bits; Candle's runs on one thread).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
@@ -264,6 +345,46 @@ mod tests {
         for (a, e) in y.iter().zip(expect) {
             assert!((a - e).abs() < 1e-6, "{a} vs {e}");
         }
+    }
+
+    /// The fused f32 layer-norm backward against Candle's ops on the same numbers in f64
+    /// (the path `Norm::backward` takes otherwise), with rows that do not fill the last
+    /// block. Bias gradient and weight gradient are sums over rows; dx has the two
+    /// projection terms.
+    #[test]
+    fn fused_layer_norm_backward_matches_the_op_by_op_one() {
+        let (rows, n) = (2 * NORM_ROWS + 5, 48);
+        let data = |seed: u64, len: usize| crate::rng::symmetric_uniforms(seed, len);
+        let x = Tensor::from_vec(data(1, rows * n), (1, rows, n), &Device::Cpu).unwrap();
+        let (x, w) = ((x * 3.0).unwrap() + 0.5, Tensor::from_vec(data(2, n), n, &Device::Cpu).unwrap());
+        let (x, dy) = (x.unwrap(), Tensor::from_vec(data(3, rows * n), (1, rows, n), &Device::Cpu).unwrap());
+        // The reference, in f64 with Candle's ops.
+        let mean = x.mean_keepdim(D::Minus1).unwrap();
+        let centered = x.broadcast_sub(&mean).unwrap();
+        let std = (centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap();
+        let x_hat = centered.broadcast_div(&std).unwrap();
+        let dx_hat = dy.broadcast_mul(&w).unwrap();
+        let m1 = dx_hat.mean_keepdim(D::Minus1).unwrap();
+        let m2 = (&dx_hat * &x_hat).unwrap().mean_keepdim(D::Minus1).unwrap();
+        let dx = (dx_hat.broadcast_sub(&m1).unwrap() - x_hat.broadcast_mul(&m2).unwrap())
+            .unwrap()
+            .broadcast_div(&std)
+            .unwrap();
+        let dw = (&dy * &x_hat).unwrap().sum((0, 1)).unwrap();
+        let db = dy.sum((0, 1)).unwrap();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let inv = std.recip().unwrap();
+        let (gx, gw, gb) =
+            layer_norm_backward_f32(&f32(&x_hat), &f32(&inv), &f32(&w), &f32(&dy)).unwrap().expect("the f32 path");
+        for (what, ours, want) in [("dx", gx, dx), ("dw", gw, dw), ("db", gb, db)] {
+            let want = want.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let ours = ours.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let err = ours.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-6 * scale, "{what}: error {err:e}, scale {scale:e}");
+        }
+        // Other dtypes take Candle's ops.
+        assert!(layer_norm_backward_f32(&x_hat, &inv, &w, &dy).unwrap().is_none());
     }
 
     #[test]
