@@ -597,12 +597,13 @@ fn bench_projection(bandwidth: f64) -> Result<serde_json::Value> {
         }
         let mut times = (0..reps).map(|_| pass()).collect::<Result<Vec<f64>>>()?;
         times.sort_by(f64::total_cmp);
+        let gb_per_s = |secs: f64| (d * 4) as f64 / secs / 1e9;
         let (median, best) = (times[times.len() / 2], times[0]);
-        let gbps = (d * 4) as f64 / median / 1e9;
+        let gbps = gb_per_s(median);
         out.insert(
             format!("{kind:?}").to_lowercase(),
             serde_json::json!({"k": spec.k, "d": d, "repetitions": reps, "seconds": median, "best_seconds": best,
-                "gb_per_s": gbps, "best_gb_per_s": (d * 4) as f64 / best / 1e9, "fraction_of_memcpy": gbps * 1e9 / bandwidth,
+                "gb_per_s": gbps, "best_gb_per_s": gb_per_s(best), "fraction_of_memcpy": gbps * 1e9 / bandwidth,
                 "seconds_per_musicgen_small_gradient": 449e6 * 4.0 / (gbps * 1e9)}),
         );
     }

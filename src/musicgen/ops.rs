@@ -347,44 +347,40 @@ mod tests {
         }
     }
 
-    /// The fused f32 layer-norm backward against Candle's ops on the same numbers in f64
-    /// (the path `Norm::backward` takes otherwise), with rows that do not fill the last
-    /// block. Bias gradient and weight gradient are sums over rows; dx has the two
-    /// projection terms.
+    /// The fused f32 layer-norm backward against Candle's autograd through `layer_norm` in
+    /// f64 (independent of the formula the fused pass implements), with rows that do not
+    /// fill the last block.
     #[test]
-    fn fused_layer_norm_backward_matches_the_op_by_op_one() {
-        let (rows, n) = (2 * NORM_ROWS + 5, 48);
-        let data = |seed: u64, len: usize| crate::rng::symmetric_uniforms(seed, len);
-        let x = Tensor::from_vec(data(1, rows * n), (1, rows, n), &Device::Cpu).unwrap();
-        let (x, w) = ((x * 3.0).unwrap() + 0.5, Tensor::from_vec(data(2, n), n, &Device::Cpu).unwrap());
-        let (x, dy) = (x.unwrap(), Tensor::from_vec(data(3, rows * n), (1, rows, n), &Device::Cpu).unwrap());
-        // The reference, in f64 with Candle's ops.
-        let mean = x.mean_keepdim(D::Minus1).unwrap();
-        let centered = x.broadcast_sub(&mean).unwrap();
-        let std = (centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap();
-        let x_hat = centered.broadcast_div(&std).unwrap();
-        let dx_hat = dy.broadcast_mul(&w).unwrap();
-        let m1 = dx_hat.mean_keepdim(D::Minus1).unwrap();
-        let m2 = (&dx_hat * &x_hat).unwrap().mean_keepdim(D::Minus1).unwrap();
-        let dx = (dx_hat.broadcast_sub(&m1).unwrap() - x_hat.broadcast_mul(&m2).unwrap())
-            .unwrap()
-            .broadcast_div(&std)
-            .unwrap();
-        let dw = (&dy * &x_hat).unwrap().sum((0, 1)).unwrap();
-        let db = dy.sum((0, 1)).unwrap();
+    fn fused_layer_norm_backward_matches_autograd() {
+        let (rows, n, eps) = (2 * NORM_ROWS + 5, 48, 1e-5);
+        let uniforms = |seed: u64, shape: &[usize]| {
+            let len = shape.iter().product();
+            Tensor::from_vec(crate::rng::symmetric_uniforms(seed, len), shape, &Device::Cpu).unwrap()
+        };
+        let x = ((uniforms(1, &[1, rows, n]) * 3.0).unwrap() + 0.5).unwrap();
+        let (w, b, dy) = (uniforms(2, &[n]), uniforms(3, &[n]), uniforms(4, &[1, rows, n]));
+        // The reference: autograd of ⟨layer_norm(x), dy⟩.
+        let vars = [&x, &w, &b].map(|t| candle_core::Var::from_tensor(t).unwrap());
+        let y = layer_norm(vars[0].as_tensor(), vars[1].as_tensor(), Some(vars[2].as_tensor()), eps).unwrap();
+        let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        // The fused pass's inputs: x̂ and 1/σ as the forward pass keeps them.
+        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap()).unwrap();
+        let std = (centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps).unwrap().sqrt().unwrap();
         let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        let inv = std.recip().unwrap();
-        let (gx, gw, gb) =
-            layer_norm_backward_f32(&f32(&x_hat), &f32(&inv), &f32(&w), &f32(&dy)).unwrap().expect("the f32 path");
-        for (what, ours, want) in [("dx", gx, dx), ("dw", gw, dw), ("db", gb, db)] {
-            let want = want.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let ours = ours.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let inputs = [f32(&centered.broadcast_div(&std).unwrap()), f32(&std.recip().unwrap()), f32(&w), f32(&dy)];
+        let (dx, dw, db) =
+            layer_norm_backward_f32(&inputs[0], &inputs[1], &inputs[2], &inputs[3]).unwrap().expect("the f32 path");
+        let ours = [dx, dw, db].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        for ((what, ours), var) in ["dx", "dw", "db"].iter().zip(&ours).zip(&vars) {
+            let want = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
             let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
-            let err = ours.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            let err = ours.iter().zip(&want).fold(0f64, |m, (&a, b)| m.max((a as f64 - b).abs()));
             assert!(err <= 1e-6 * scale, "{what}: error {err:e}, scale {scale:e}");
         }
         // Other dtypes take Candle's ops.
-        assert!(layer_norm_backward_f32(&x_hat, &inv, &w, &dy).unwrap().is_none());
+        assert!(layer_norm_backward_f32(&inputs[0].to_dtype(DType::F64).unwrap(), &inputs[1], &inputs[2], &inputs[3])
+            .unwrap()
+            .is_none());
     }
 
     #[test]
