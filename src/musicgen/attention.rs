@@ -11,6 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
+use super::matmul::matmul;
 use super::ops::{causal_mask, cpu_storage, cpu_tensor, softmax_last};
 
 /// Query rows per block.
@@ -49,7 +50,7 @@ fn blocks(sq: usize, skv: usize, causal: bool, block: usize) -> impl Iterator<It
 
 /// Attention probabilities of one block of queries `[B, H, len, visible]`.
 fn probabilities(q_block: &Tensor, keys: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
-    let scores = (q_block * scale)?.matmul(&keys.t()?)?;
+    let scores = matmul(&(q_block * scale)?, &keys.t()?)?;
     let (len, visible) = (scores.dim(2)?, scores.dim(3)?);
     // A single query row sees every visible key: no mask needed.
     let scores = if causal && len > 1 {
@@ -65,7 +66,7 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, block: 
     let outs = blocks(sq, skv, causal, block)
         .map(|(start, len, visible)| {
             let p = probabilities(&q.narrow(2, start, len)?, &k.narrow(2, 0, visible)?, scale, causal)?;
-            p.matmul(&v.narrow(2, 0, visible)?)
+            matmul(&p, &v.narrow(2, 0, visible)?)
         })
         .collect::<Result<Vec<_>>>()?;
     if outs.len() == 1 {
@@ -107,11 +108,11 @@ fn backward_in_blocks(
         let (keys, values) = (k.narrow(2, 0, visible)?, v.narrow(2, 0, visible)?);
         let p = probabilities(&q_block, &keys, scale, causal)?;
         let d_o = d_out.narrow(2, start, len)?;
-        let dv_part = p.t()?.matmul(&d_o)?;
-        let dp = d_o.matmul(&values.t()?)?;
+        let dv_part = matmul(&p.t()?, &d_o)?;
+        let dp = matmul(&d_o, &values.t()?)?;
         let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        dq.push((ds.matmul(&keys)? * scale)?);
-        let dk_part = (ds.t()?.matmul(&q_block)? * scale)?;
+        dq.push((matmul(&ds, &keys)? * scale)?);
+        let dk_part = (matmul(&ds.t()?, &q_block)? * scale)?;
         let pad = skv - visible;
         dk = (dk + dk_part.pad_with_zeros(2, 0, pad)?)?;
         dv = (dv + dv_part.pad_with_zeros(2, 0, pad)?)?;

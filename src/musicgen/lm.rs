@@ -12,8 +12,9 @@ use candle_nn::kv_cache::KvCache;
 
 use super::attention::attention;
 use super::config::LmConfig;
+use super::matmul::matmul;
 use super::ops::{
-    embedding, gelu_erf, gelu_erf_backward, layer_norm, layer_norm_backward_f32, linear, sinusoidal_positions,
+    embedding, gelu_erf, gelu_erf_with_slope, layer_norm, layer_norm_backward_f32, linear, sinusoidal_positions,
 };
 use super::params::Vb;
 
@@ -77,8 +78,8 @@ fn rows(x: &Tensor) -> Result<Tensor> {
 /// `dW = dyᵀ·x` summed over every row.
 fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let dy_rows = rows(dy)?;
-    let dw = dy_rows.t()?.matmul(&rows(x)?)?;
-    let dx = dy_rows.matmul(w)?.reshape(x.shape())?;
+    let dw = matmul(&dy_rows.t()?, &rows(x)?)?;
+    let dx = matmul(&dy_rows, w)?.reshape(x.shape())?;
     Ok((dx, dw))
 }
 
@@ -281,20 +282,19 @@ impl Layer {
             }
         };
         let (f, f_saved) = self.norm2.forward_saved(&h2)?;
-        let u = linear(&f, &self.linear1, None)?;
-        let g = gelu_erf(&u)?;
+        let (g, gelu_slope) = gelu_erf_with_slope(&linear(&f, &self.linear1, None)?)?;
         let out = if with_output { Some((&h2 + linear(&g, &self.linear2, None)?)?) } else { None };
-        let saved = LayerSaved { rows: b, n_cond, a, a_saved, q, k, v, m1, cross, f, f_saved, u, g };
+        let saved = LayerSaved { rows: b, n_cond, a, a_saved, q, k, v, m1, cross, f, f_saved, gelu_slope, g };
         Ok((out, saved))
     }
 
     /// The backward pass from what `forward_saved` kept (see `backward`).
     fn backward_saved(&self, saved: LayerSaved, d_out: &Tensor) -> Result<LayerGradients> {
-        let LayerSaved { rows: b, n_cond, a, a_saved, q, k, v, m1, cross, f, f_saved, u, g } = saved;
+        let LayerSaved { rows: b, n_cond, a, a_saved, q, k, v, m1, cross, f, f_saved, gelu_slope, g } = saved;
         let (sa, ca) = (&self.self_attn, &self.cross_attn);
         // Feed-forward.
         let (dg, d_linear2) = linear_backward(&g, &self.linear2, d_out)?;
-        let du = gelu_erf_backward(&u, &dg)?;
+        let du = (dg * gelu_slope)?;
         let (df, d_linear1) = linear_backward(&f, &self.linear1, &du)?;
         let (dh, d_norm2_w, d_norm2_b) = self.norm2.backward(&f_saved, &df)?;
         let d_h2 = (d_out + dh)?;
@@ -362,7 +362,8 @@ pub struct LayerSaved {
     cross: Option<CrossSaved>,
     f: Tensor,
     f_saved: NormSaved,
-    u: Tensor,
+    /// Φ(u) + u·φ(u) at the feed-forward's pre-activation u: GELU's slope.
+    gelu_slope: Tensor,
     g: Tensor,
 }
 
@@ -381,10 +382,12 @@ impl LayerSaved {
     pub fn bytes(&self) -> usize {
         let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let norm = |n: &NormSaved| size(&n.x_hat) + size(&n.inv_std);
-        let mut total =
-            [&self.a, &self.q, &self.k, &self.v, &self.m1, &self.f, &self.u, &self.g].map(size).iter().sum::<usize>()
-                + norm(&self.a_saved)
-                + norm(&self.f_saved);
+        let mut total = [&self.a, &self.q, &self.k, &self.v, &self.m1, &self.f, &self.gelu_slope, &self.g]
+            .map(size)
+            .iter()
+            .sum::<usize>()
+            + norm(&self.a_saved)
+            + norm(&self.f_saved);
         if let Some(c) = &self.cross {
             total += [&c.memory, &c.hn, &c.qc, &c.kc, &c.vc, &c.m2].map(size).iter().sum::<usize>() + norm(&c.hn_saved);
         }

@@ -11,6 +11,7 @@ pub mod lm;
 pub mod loader;
 pub mod loss;
 pub mod lstm;
+pub mod matmul;
 pub mod model;
 pub mod ops;
 pub mod params;

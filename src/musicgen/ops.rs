@@ -47,7 +47,15 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         None => {
             let w = weight.t()?;
             match x.rank() {
-                2 => x.matmul(&w)?,
+                2 => super::matmul::matmul(x, &w)?,
+                // Rows of a contiguous input are one matrix: one product, no broadcast copy of W.
+                r if r > 2 && x.is_contiguous() => {
+                    let n = x.dim(candle_core::D::Minus1)?;
+                    let y = super::matmul::matmul(&x.reshape((x.elem_count() / n.max(1), n))?, &w)?;
+                    let mut shape = x.dims().to_vec();
+                    shape[r - 1] = w.dim(1)?;
+                    y.reshape(shape)?
+                }
                 _ => x.broadcast_matmul(&w)?,
             }
         }
@@ -170,7 +178,8 @@ pub(crate) fn untracked_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Resul
 }
 
 /// `f(x[i], y[i])` over two same-shaped untracked f32 tensors, in parallel chunks;
-/// `None` when either is not such a tensor.
+/// `None` when either is not such a tensor. The output is written once, never zeroed
+/// first (a serial pass the other threads would wait for).
 fn zip_map_f32(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Option<Tensor>> {
     if x.shape() != y.shape() {
         return Ok(None);
@@ -178,14 +187,8 @@ fn zip_map_f32(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Re
     let (x, y) = (x.contiguous()?, y.contiguous()?);
     let out = untracked_f32(&x, |xs| {
         untracked_f32(&y, |ys| {
-            let mut out = vec![0f32; xs.len()];
-            out.par_chunks_mut(1 << 14).zip(xs.par_chunks(1 << 14).zip(ys.par_chunks(1 << 14))).for_each(
-                |(o, (xs, ys))| {
-                    for ((o, &a), &b) in o.iter_mut().zip(xs).zip(ys) {
-                        *o = f(a, b);
-                    }
-                },
-            );
+            let mut out = Vec::new();
+            xs.par_iter().zip(ys).with_min_len(1 << 14).map(|(&a, &b)| f(a, b)).collect_into_vec(&mut out);
             out
         })
     })?;
@@ -285,22 +288,33 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The gradient through [`gelu_erf`] at `u`: `dy·(Φ(u) + u·φ(u))`.
-pub fn gelu_erf_backward(u: &Tensor, dy: &Tensor) -> Result<Tensor> {
+/// [`gelu_erf`] at `u` and its slope `Φ(u) + u·φ(u)` (the gradient through it is
+/// `dy·slope`), both from one evaluation of `erf`: the forward pass keeps the slope
+/// instead of `u`, so the backward pass needs neither `erf` nor `exp`. On untracked
+/// f32 tensors one parallel pass; `y` has [`gelu_erf`]'s bits.
+pub fn gelu_erf_with_slope(u: &Tensor) -> Result<(Tensor, Tensor)> {
     use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
     // 1/√(2π), exactly (Candle's own GELU backward rounds it to 0.398942).
     let inv_sqrt_2pi = 0.5 * FRAC_2_SQRT_PI * FRAC_1_SQRT_2;
-    let fast = zip_map_f32(u, dy, |u, d| {
-        let cdf = (libm::erff(u * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
-        let pdf = (-0.5 * u * u).exp() * inv_sqrt_2pi as f32;
-        d * (cdf + u * pdf)
+    let u_c = u.contiguous()?;
+    let fast = untracked_f32(&u_c, |us| {
+        let (mut y, mut slope) = (Vec::new(), Vec::new());
+        us.par_iter()
+            .with_min_len(1 << 14)
+            .map(|&u| {
+                let cdf = (libm::erff(u * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5;
+                let pdf = (-0.5 * u * u).exp() * inv_sqrt_2pi as f32;
+                (cdf * u, cdf + u * pdf)
+            })
+            .unzip_into_vecs(&mut y, &mut slope);
+        (y, slope)
     })?;
-    if let Some(g) = fast {
-        return Ok(g);
+    if let Some((y, slope)) = fast {
+        return Ok((Tensor::from_vec(y, u.shape(), u.device())?, Tensor::from_vec(slope, u.shape(), u.device())?));
     }
     let cdf = ((u * FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
     let pdf = ((u.sqr()? * -0.5)?.exp()? * inv_sqrt_2pi)?;
-    dy * (cdf? + (u * pdf)?)?
+    Ok((gelu_erf(u)?, (cdf? + (u * pdf)?)?))
 }
 
 /// ELU with α = 1, `x` for `x > 0`, `eˣ − 1` below; in parallel on untracked f32
@@ -434,11 +448,14 @@ mod tests {
         let dy: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 / 6.5 - 1.0).collect();
         let ut = Tensor::from_vec(u.clone(), n, &Device::Cpu).unwrap();
         let dt = Tensor::from_vec(dy.clone(), n, &Device::Cpu).unwrap();
-        // The parallel loop gives Candle's bits.
-        let ours: Vec<f32> = gelu_erf(&ut).unwrap().to_vec1().unwrap();
+        // The parallel loops give Candle's bits, alone and with the slope.
         let candle: Vec<f32> = ut.gelu_erf().unwrap().to_vec1().unwrap();
-        let first = ours.iter().zip(&candle).position(|(a, b)| a.to_bits() != b.to_bits());
-        assert!(first.is_none(), "differs from Candle's gelu_erf at u = {}", u[first.unwrap_or(0)]);
+        let with_slope = gelu_erf_with_slope(&ut).unwrap().0;
+        for ours in [gelu_erf(&ut).unwrap(), with_slope] {
+            let ours: Vec<f32> = ours.to_vec1().unwrap();
+            let first = ours.iter().zip(&candle).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert!(first.is_none(), "differs from Candle's gelu_erf at u = {}", u[first.unwrap_or(0)]);
+        }
         // dy·(Φ(u) + u·φ(u)), Φ from erf in f64; the f32 loop and the f64 tensor path.
         let want: Vec<f64> = u
             .iter()
@@ -451,7 +468,9 @@ mod tests {
             })
             .collect();
         for dtype in [DType::F32, DType::F64] {
-            let g = gelu_erf_backward(&ut.to_dtype(dtype).unwrap(), &dt.to_dtype(dtype).unwrap()).unwrap();
+            let (y, slope) = gelu_erf_with_slope(&ut.to_dtype(dtype).unwrap()).unwrap();
+            assert_eq!(y.dtype(), dtype);
+            let g = (dt.to_dtype(dtype).unwrap() * slope).unwrap();
             let g: Vec<f64> = g.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
             for i in 0..n {
                 assert!((g[i] - want[i]).abs() <= 1e-6 * (1.0 + want[i].abs()), "{dtype:?} at u = {}: {}", u[i], g[i]);
