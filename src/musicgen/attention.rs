@@ -9,10 +9,11 @@
 //! block's probabilities instead of storing them — the FlashAttention recipe, with
 //! Candle's matmuls inside.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
 
-use super::matmul::matmul;
-use super::ops::{causal_mask, cpu_storage, cpu_tensor, softmax_last};
+use super::matmul::{matmul, matmul_f32};
+use super::ops::{causal_mask, cpu_storage, cpu_tensor, softmax_last, untracked_f32};
 
 /// Query rows per block.
 const BLOCK: usize = 128;
@@ -50,7 +51,11 @@ fn blocks(sq: usize, skv: usize, causal: bool, block: usize) -> impl Iterator<It
 
 /// Attention probabilities of one block of queries `[B, H, len, visible]`.
 fn probabilities(q_block: &Tensor, keys: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
-    let scores = matmul(&(q_block * scale)?, &keys.t()?)?;
+    if let Some((mut scores, shape)) = matmul_f32(q_block, &keys.t()?)? {
+        softmax_rows(&mut scores, shape[2], shape[3], scale as f32, causal);
+        return Tensor::from_vec(scores, shape, &Device::Cpu);
+    }
+    let scores = (q_block * scale)?.matmul(&keys.t()?)?;
     let (len, visible) = (scores.dim(2)?, scores.dim(3)?);
     // A single query row sees every visible key: no mask needed.
     let scores = if causal && len > 1 {
@@ -59,6 +64,44 @@ fn probabilities(q_block: &Tensor, keys: &Tensor, scale: f64, causal: bool) -> R
         scores
     };
     softmax_last(&scores)
+}
+
+/// In place, each row of `len`-row blocks of `visible` scores becomes
+/// `softmax(scale·row)`, causally masked (query `i` of a block sees the keys up to
+/// `visible − len + i`; the rest get probability 0): scaling, mask, max, exp, sum and
+/// division in one pass per row, rows in parallel. Composed from Candle's ops that was
+/// six passes over the scores, some on one thread.
+fn softmax_rows(scores: &mut [f32], len: usize, visible: usize, scale: f32, causal: bool) {
+    let offset = visible - len;
+    scores.par_chunks_mut(visible).with_min_len(16).enumerate().for_each(|(r, row)| {
+        let seen = if causal { r % len + offset + 1 } else { visible };
+        let (live, masked) = row.split_at_mut(seen);
+        let mut max = f32::NEG_INFINITY;
+        for x in live.iter_mut() {
+            *x *= scale;
+            max = max.max(*x);
+        }
+        let mut sum = 0f32;
+        for x in live.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        for x in live.iter_mut() {
+            *x /= sum;
+        }
+        masked.fill(0.0);
+    });
+}
+
+/// In place, `dp` becomes `scale·dS` with `dS = P ⊙ (dP − rowsum(dP ⊙ P))`, the gradient
+/// of the scores through the softmax, one pass per row, rows in parallel.
+fn softmax_backward_rows(dp: &mut [f32], p: &[f32], visible: usize, scale: f32) {
+    dp.par_chunks_mut(visible).zip(p.par_chunks(visible)).with_min_len(16).for_each(|(d, p)| {
+        let dot: f32 = d.iter().zip(p).map(|(&d, &p)| d * p).sum();
+        for (d, &p) in d.iter_mut().zip(p) {
+            *d = p * (*d - dot) * scale;
+        }
+    });
 }
 
 fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, block: usize) -> Result<Tensor> {
@@ -109,10 +152,23 @@ fn backward_in_blocks(
         let p = probabilities(&q_block, &keys, scale, causal)?;
         let d_o = d_out.narrow(2, start, len)?;
         let dv_part = matmul(&p.t()?, &d_o)?;
-        let dp = matmul(&d_o, &values.t()?)?;
-        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        dq.push((matmul(&ds, &keys)? * scale)?);
-        let dk_part = (matmul(&ds.t()?, &q_block)? * scale)?;
+        let (dq_part, dk_part) = match (matmul_f32(&d_o, &values.t()?)?, p.is_contiguous()) {
+            (Some((mut dp, shape)), true) => {
+                let fused = untracked_f32(&p, |ps| softmax_backward_rows(&mut dp, ps, visible, scale as f32))?;
+                if fused.is_none() {
+                    candle_core::bail!("attention backward: probabilities are not untracked f32");
+                }
+                // dS already carries the scale.
+                let ds = Tensor::from_vec(dp, shape, &Device::Cpu)?;
+                (matmul(&ds, &keys)?, matmul(&ds.t()?, &q_block)?)
+            }
+            _ => {
+                let dp = matmul(&d_o, &values.t()?)?;
+                let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+                ((matmul(&ds, &keys)? * scale)?, (matmul(&ds.t()?, &q_block)? * scale)?)
+            }
+        };
+        dq.push(dq_part);
         let pad = skv - visible;
         dk = (dk + dk_part.pad_with_zeros(2, 0, pad)?)?;
         dv = (dv + dv_part.pad_with_zeros(2, 0, pad)?)?;
@@ -205,6 +261,35 @@ mod tests {
                 assert!(scale > 1e-3, "{name}: the reference gradient vanishes");
                 assert!(max_abs_diff(a, e) < 1e-12 * (1.0 + scale), "d{name} ({sq}, {skv}, {causal})");
                 assert!(!a.track_op(), "d{name} carries a graph");
+            }
+        }
+    }
+
+    /// The f32 path (fused softmax and softmax backward on the product's own memory)
+    /// against the f64 whole-matrix formula and its autograd, on the same values.
+    #[test]
+    fn f32_path_matches_the_f64_formula() {
+        let f32_of = |t: &Tensor| t.detach().to_dtype(DType::F32).unwrap();
+        for &(sq, skv, causal) in &[(7usize, 7usize, true), (4, 9, true), (5, 3, false), (1, 6, true)] {
+            let (b, h, hd) = (2, 3, 4);
+            let q = Var::from_tensor(&randn(&[b, h, sq, hd], 1)).unwrap();
+            let k = Var::from_tensor(&randn(&[b, h, skv, hd], 2)).unwrap();
+            let v = Var::from_tensor(&randn(&[b, h, skv, hd], 3)).unwrap();
+            let d_out = randn(&[b, h, sq, hd], 4);
+            let theirs = reference(&q, &k, &v, 0.5, causal);
+            let grads = (&theirs * &d_out).unwrap().sum_all().unwrap().backward().unwrap();
+            let (q32, k32, v32) = (f32_of(q.as_tensor()), f32_of(k.as_tensor()), f32_of(v.as_tensor()));
+            let ours = forward(&q32, &k32, &v32, 0.5, causal, 3).unwrap();
+            assert_eq!(ours.dtype(), DType::F32);
+            let rel = |a: &Tensor, e: &Tensor| {
+                let scale: f64 = e.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+                max_abs_diff(&a.to_dtype(DType::F64).unwrap(), e) / (1.0 + scale)
+            };
+            assert!(rel(&ours, &theirs) < 1e-5, "values ({sq}, {skv}, {causal})");
+            let (dq, dk, dv) = backward_in_blocks(&q32, &k32, &v32, 0.5, causal, &f32_of(&d_out), 3).unwrap();
+            for (name, a, var) in [("q", dq, &q), ("k", dk, &k), ("v", dv, &v)] {
+                assert_eq!(a.dtype(), DType::F32);
+                assert!(rel(&a, grads.get(var).unwrap()) < 1e-5, "d{name} ({sq}, {skv}, {causal})");
             }
         }
     }

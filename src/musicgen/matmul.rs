@@ -13,10 +13,16 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 /// be equal). f32 tensors on the CPU outside autograd take gemm directly; anything else
 /// (other dtypes, devices, a graph to record, mismatched shapes) is Candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match direct(a, b)? {
-        Some(y) => Ok(y),
+    match matmul_f32(a, b)? {
+        Some((y, shape)) => Tensor::from_vec(y, shape, &Device::Cpu),
         None => a.matmul(b),
     }
+}
+
+/// [`matmul`]'s direct path, the product's numbers and shape, for a caller that changes
+/// them in place before they become a tensor; `None` where [`matmul`] takes Candle's.
+pub fn matmul_f32(a: &Tensor, b: &Tensor) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+    direct(a, b)
 }
 
 /// The 2-D strides `(row, column)` of a tensor's last two dimensions and the offset of
@@ -32,7 +38,7 @@ fn batch_offsets(t: &Tensor) -> (isize, isize, Vec<usize>) {
     (stride[r - 2] as isize, stride[r - 1] as isize, offsets)
 }
 
-fn direct(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+fn direct(a: &Tensor, b: &Tensor) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
     if a.track_op() || b.track_op() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
         return Ok(None);
     }
@@ -105,7 +111,7 @@ fn direct(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     drop((sa, sb));
     let mut shape = ad.to_vec();
     shape[r - 1] = n;
-    Tensor::from_vec(dst, shape, &Device::Cpu).map(Some)
+    Ok(Some((dst, shape)))
 }
 
 #[cfg(test)]
