@@ -491,16 +491,18 @@ pub fn run(opts: &PeerOptions) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let tmp = std::env::temp_dir().join(format!("spintrak-bench-peer-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
+    let mut sections: Vec<(String, Vec<Row>)> = Vec::new();
+    let mut versions = serde_json::Value::Null;
     let result = (|| -> Result<()> {
-        let mut sections: Vec<(String, Vec<Row>)> = Vec::new();
-        let mut versions = serde_json::Value::Null;
         for name in &opts.models {
+            let label = if name == "small" { "musicgen-small shape (random weights)" } else { "tiny model" };
             let dir = tmp.join(name);
             std::fs::create_dir_all(&dir)?;
             let model = model(name, &dir)?;
+            sections.push((format!("{label}, {} LM parameters", model.lm_params.num_scalars()), Vec::new()));
+            let rows = &mut sections.last_mut().expect("just pushed").1;
             let mut peer = Peer::start(&python, &opts.script, &dir, threads)?;
             versions = peer.ask(serde_json::json!({"task": "info"}))?;
-            let mut rows = Vec::new();
             for &s in &opts.seconds {
                 eprintln!("{name}, {s} s: generation");
                 rows.push(bench_generation(&model, &mut peer, s, opts.reps, &tmp)?);
@@ -517,8 +519,6 @@ pub fn run(opts: &PeerOptions) -> Result<()> {
                 eprintln!("scoring");
                 rows.push(bench_scoring(&mut peer, opts.score_rows, opts.reps, &tmp)?);
             }
-            let label = if name == "small" { "musicgen-small shape (random weights)" } else { "tiny model" };
-            sections.push((format!("{label}, {} LM parameters", model.lm_params.num_scalars()), rows));
         }
         let md = report(&sections, &versions, threads, opts.reps);
         print!("{md}");
@@ -530,7 +530,18 @@ pub fn run(opts: &PeerOptions) -> Result<()> {
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&tmp);
-    result
+    // A run that stops early keeps what it measured, beside (not over) the last full table.
+    if let Err(e) = result {
+        let done: usize = sections.iter().map(|(_, r)| r.len()).sum();
+        if done == 0 {
+            return Err(e);
+        }
+        let partial = opts.results.with_extension("partial.md");
+        let md = report(&sections, &versions, threads, opts.reps);
+        crate::io::write_atomic(&partial, md.as_bytes())?;
+        return Err(e.context(format!("stopped after {done} figures; they are in {}", partial.display())));
+    }
+    Ok(())
 }
 
 fn report(sections: &[(String, Vec<Row>)], versions: &serde_json::Value, threads: usize, reps: usize) -> String {

@@ -72,7 +72,9 @@ fn probabilities(q_block: &Tensor, keys: &Tensor, scale: f64, causal: bool) -> R
 /// division in one pass per row, rows in parallel. Composed from Candle's ops that was
 /// six passes over the scores, some on one thread.
 fn softmax_rows(scores: &mut [f32], len: usize, visible: usize, scale: f32, causal: bool) {
-    let offset = visible - len;
+    // Causal blocks see at least their own rows' keys; cross-attention may see fewer keys
+    // than a block has rows.
+    let offset = if causal { visible - len } else { 0 };
     scores.par_chunks_mut(visible).with_min_len(16).enumerate().for_each(|(r, row)| {
         let seen = if causal { r % len + offset + 1 } else { visible };
         let (live, masked) = row.split_at_mut(seen);
@@ -152,17 +154,16 @@ fn backward_in_blocks(
         let p = probabilities(&q_block, &keys, scale, causal)?;
         let d_o = d_out.narrow(2, start, len)?;
         let dv_part = matmul(&p.t()?, &d_o)?;
-        let (dq_part, dk_part) = match (matmul_f32(&d_o, &values.t()?)?, p.is_contiguous()) {
-            (Some((mut dp, shape)), true) => {
-                let fused = untracked_f32(&p, |ps| softmax_backward_rows(&mut dp, ps, visible, scale as f32))?;
-                if fused.is_none() {
-                    candle_core::bail!("attention backward: probabilities are not untracked f32");
-                }
-                // dS already carries the scale.
-                let ds = Tensor::from_vec(dp, shape, &Device::Cpu)?;
-                (matmul(&ds, &keys)?, matmul(&ds.t()?, &q_block)?)
-            }
-            _ => {
+        // scale·dS in place in dP's buffer, where both are untracked f32.
+        let scaled_ds = match matmul_f32(&d_o, &values.t()?)? {
+            Some((mut dp, shape)) => untracked_f32(&p, |ps| softmax_backward_rows(&mut dp, ps, visible, scale as f32))?
+                .map(|()| Tensor::from_vec(dp, shape, &Device::Cpu))
+                .transpose()?,
+            None => None,
+        };
+        let (dq_part, dk_part) = match scaled_ds {
+            Some(ds) => (matmul(&ds, &keys)?, matmul(&ds.t()?, &q_block)?),
+            None => {
                 let dp = matmul(&d_o, &values.t()?)?;
                 let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
                 ((matmul(&ds, &keys)? * scale)?, (matmul(&ds.t()?, &q_block)? * scale)?)
@@ -270,7 +271,8 @@ mod tests {
     #[test]
     fn f32_path_matches_the_f64_formula() {
         let f32_of = |t: &Tensor| t.detach().to_dtype(DType::F32).unwrap();
-        for &(sq, skv, causal) in &[(7usize, 7usize, true), (4, 9, true), (5, 3, false), (1, 6, true)] {
+        // The last case: cross-attention with fewer keys than a block has rows.
+        for &(sq, skv, causal) in &[(7usize, 7usize, true), (4, 9, true), (5, 3, false), (1, 6, true), (7, 2, false)] {
             let (b, h, hd) = (2, 3, 4);
             let q = Var::from_tensor(&randn(&[b, h, sq, hd], 1)).unwrap();
             let k = Var::from_tensor(&randn(&[b, h, skv, hd], 2)).unwrap();
