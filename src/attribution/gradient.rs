@@ -98,6 +98,41 @@ pub fn for_each_gradient(
 /// backward pass needs (`CodecDecoder::forward_saved`), the objective's head through
 /// autograd, then the decoder differentiated by hand, layer by layer
 /// (`CodecDecoder::backward`).
+/// Calls `sink(name, gradient)` with each parameter's gradient as soon as it is
+/// complete and drops it: the codec decoder's first (when the objective has that part),
+/// then the LM's from the top layer down, so ∇θ is never whole in memory. For an
+/// objective with one LM part (one window); a sum over windows needs each tensor whole
+/// first, which [`for_each_gradient`] does.
+pub fn stream_gradients(
+    model: &MusicGen,
+    objective: &dyn Objective,
+    prepared: &Prepared,
+    timings: &mut Timings,
+    mut sink: impl FnMut(&str, &Tensor) -> Result<()>,
+) -> Result<()> {
+    let parts = objective.lm_parts(prepared);
+    if parts != 1 {
+        bail!("streamed gradients need one LM window, this example has {parts}; use for_each_gradient");
+    }
+    if objective.differentiates_codec() {
+        codec_gradients(model, objective, prepared, timings, &mut sink)?;
+    }
+    let t = Instant::now();
+    let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
+    let params = model.lm_params.params();
+    let mut seen = vec![false; params.len()];
+    let take = &mut |i: usize, g: Tensor| {
+        seen[i] = true;
+        sink(&params[i].0, &g)
+    };
+    lm_part_gradients(model, &lm, objective, prepared, 0, LayerSink { params: &params, progress: None, take })?;
+    timings.backward += t.elapsed().as_secs_f64();
+    match seen.iter().position(|&s| !s) {
+        Some(i) => Err(missing(&params[i].0)),
+        None => Ok(()),
+    }
+}
+
 fn codec_gradients(
     model: &MusicGen,
     objective: &dyn Objective,
