@@ -150,3 +150,58 @@ fn streamed_projection_equals_projecting_the_whole_gradient() {
         }
     }
 }
+
+#[test]
+fn streamed_gradients_are_the_ordered_ones_bit_for_bit() {
+    // One window: `stream_gradients` hands over each tensor as it is complete (top layer
+    // first); every one must be `for_each_gradient`'s, bit for bit, none missing or twice.
+    use spintrak::attribution::gradient::stream_gradients;
+    use std::collections::HashMap;
+    let model = tiny::build(1234, &Device::Cpu).unwrap();
+    let generation = objective(6.0);
+    let ex = Example::generated("x", "rock", 0.3, 1);
+    let gen_prepared = generation.prepare(&model, &ex, None).unwrap();
+    let nll = spintrak::attribution::AudioNllObjective::default();
+    let t5 = model.encode_text("rock").unwrap();
+    let nll_prepared =
+        spintrak::attribution::objective::prepared_from_codes(&model, gen_prepared.generation.frames.clone(), t5)
+            .unwrap();
+    let bits = |g: &Tensor| -> Vec<u64> {
+        g.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    let cases: [(&dyn Objective, &spintrak::attribution::Prepared); 2] =
+        [(&generation, &gen_prepared), (&nll, &nll_prepared)];
+    for (obj, prepared) in cases {
+        let mut want = HashMap::new();
+        for_each_gradient(&model, obj, prepared, &mut Timings::default(), |n, g| {
+            want.insert(n.to_string(), bits(g));
+            Ok(())
+        })
+        .unwrap();
+        let mut got = HashMap::new();
+        stream_gradients(&model, obj, prepared, &mut Timings::default(), |n, g| {
+            assert!(got.insert(n.to_string(), bits(g)).is_none(), "{n} handed over twice");
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got.len(), want.len(), "{}", obj.info().name);
+        for (name, w) in &want {
+            assert_eq!(got.get(name), Some(w), "{}: {name}", obj.info().name);
+        }
+    }
+    // Several windows need each tensor summed first: refused, not half-streamed.
+    let model = tiny_f64(0.4);
+    let ex = Example::generated("x", "slow sad piano", 0.7, 3);
+    let many = objective(0.24);
+    let prepared = many.prepare(&model, &ex, None).unwrap();
+    let err = stream_gradients(&model, &many, &prepared, &mut Timings::default(), |_, _| Ok(())).unwrap_err();
+    assert!(err.to_string().contains("one LM window"), "{err}");
+}

@@ -280,6 +280,15 @@ fn embedded_gradient(
     Ok((t.elapsed().as_secs_f64(), y))
 }
 
+/// Returns the heap's free memory to the system (glibc), outside any timed part.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; no allocation is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Σ x² in f64, on every thread (as the peer's `vector_norm`: a serial sum over
 /// musicgen-small's 420 M numbers would add a second to our side alone).
 fn sum_of_squares(v: &[f32]) -> f64 {
@@ -339,6 +348,10 @@ fn bench_gradient(model: &MusicGen, peer: &mut Peer, seconds: f64, name: &str, r
     // The peer's side of the check in float64: the exact function both float32 runs
     // approximate (float32 rounding differs between implementations; PyTorch's own float32
     // codec-decoder gradient strays from its float64 by 1e-3 at 10 s of musicgen-small).
+    // Our side is done with this row: hand its freed heap back (the process never trims
+    // it on its own, see `cli::app`), since the peer's float64 gradients that follow need
+    // most of the machine's memory at 10 s of musicgen-small with guidance.
+    release_free_memory();
     let peer_norm = peer.ask(request(&codes_a, Some(0), "float64"))?["norm"].as_f64().unwrap_or(f64::NAN);
     peer.ask(request(&codes_b, Some(1), "float64"))?;
     let g = peer.ask(serde_json::json!({"task": "gram", "slots": [0, 1]}))?["gram"].clone();
