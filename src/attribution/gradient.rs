@@ -108,29 +108,31 @@ pub fn stream_gradients(
     objective: &dyn Objective,
     prepared: &Prepared,
     timings: &mut Timings,
-    mut sink: impl FnMut(&str, &Tensor) -> Result<()>,
+    mut sink: impl FnMut(&str, &Tensor) -> Result<()> + Send,
 ) -> Result<()> {
     let parts = objective.lm_parts(prepared);
     if parts != 1 {
         bail!("streamed gradients need one LM window, this example has {parts}; use for_each_gradient");
     }
-    if objective.differentiates_codec() {
-        codec_gradients(model, objective, prepared, timings, &mut sink)?;
-    }
-    let t = Instant::now();
-    let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
-    let params = model.lm_params.params();
-    let mut seen = vec![false; params.len()];
-    let take = &mut |i: usize, g: Tensor| {
-        seen[i] = true;
-        sink(&params[i].0, &g)
-    };
-    lm_part_gradients(model, &lm, objective, prepared, 0, LayerSink { params: &params, progress: None, take })?;
-    timings.backward += t.elapsed().as_secs_f64();
-    match seen.iter().position(|&s| !s) {
-        Some(i) => Err(missing(&params[i].0)),
-        None => Ok(()),
-    }
+    crate::musicgen::on_pool(move || {
+        if objective.differentiates_codec() {
+            codec_gradients(model, objective, prepared, timings, &mut sink)?;
+        }
+        let t = Instant::now();
+        let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
+        let params = model.lm_params.params();
+        let mut seen = vec![false; params.len()];
+        let take = &mut |i: usize, g: Tensor| {
+            seen[i] = true;
+            sink(&params[i].0, &g)
+        };
+        lm_part_gradients(model, &lm, objective, prepared, 0, LayerSink { params: &params, progress: None, take })?;
+        timings.backward += t.elapsed().as_secs_f64();
+        match seen.iter().position(|&s| !s) {
+            Some(i) => Err(missing(&params[i].0)),
+            None => Ok(()),
+        }
+    })
 }
 
 fn codec_gradients(
@@ -381,7 +383,8 @@ pub fn embed_prepared(
             dec + lm
         );
     }
-    let embedding = project_gradient(model, objective, spec, &prepared, &mut timings, progress)?;
+    let embedding =
+        crate::musicgen::on_pool(|| project_gradient(model, objective, spec, &prepared, &mut timings, progress))?;
     if let Some(bad) = embedding.iter().position(|x| !x.is_finite()) {
         bail!("the gradient is not finite (entry {bad} of the embedding): the model or the input holds NaN or infinite values");
     }

@@ -240,7 +240,8 @@ impl MusicGen {
             .collect();
         let mut prompt_frames: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); n_q]; prompts.len()];
         for (wi, &(_, prompt_len, len)) in plan.iter().enumerate() {
-            let frames = self.generate_window(&cond, guided, &prompt_frames, len, wi as u64, opts, progress)?;
+            let frames =
+                super::on_pool(|| self.generate_window(&cond, guided, &prompt_frames, len, wi as u64, opts, progress))?;
             for ((gen, frames), next) in out.iter_mut().zip(frames).zip(prompt_frames.iter_mut()) {
                 for (k, row) in frames.iter().enumerate() {
                     gen.frames[k].extend_from_slice(&row[prompt_len..]);
