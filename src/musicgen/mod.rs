@@ -35,7 +35,9 @@ pub use model::{GenerateOptions, Generation, MusicGen};
 /// of matrix products. Measured on 2 cores at musicgen-small shape (alternated runs):
 /// generation 85–87% of the weight-read bound against 78–81%, the 2 s `audio-nll`
 /// gradient 2.02 s against 2.34 s (medians of 12). Results are unchanged: no loop's
-/// numbers depend on which threads run it.
+/// numbers depend on which threads run it. Allocations then come from a pool thread,
+/// which glibc serves from an arena of its own unless told otherwise: the CLI keeps one
+/// (`cli::app::tune_allocator`), without which large blocks were faulted in again.
 pub fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| work())
 }
