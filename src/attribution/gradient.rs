@@ -75,16 +75,11 @@ pub fn for_each_gradient(
     }
 
     // Part 2: LM, one window at a time, layer by layer (gradients summed).
-    let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
     let params = model.lm_params.params();
     let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
-    for part in 0..objective.lm_parts(prepared) {
-        let t = Instant::now();
-        let take = &mut |i: usize, g| accumulate(&mut acc[i], g);
-        lm_part_gradients(model, &lm, objective, prepared, part, LayerSink { params: &params, progress: None, take })?;
-        timings.backward += t.elapsed().as_secs_f64();
-    }
-    drop(lm);
+    let t = Instant::now();
+    lm_gradients(model, objective, prepared, &params, None, &mut |i, g| accumulate(&mut acc[i], g))?;
+    timings.backward += t.elapsed().as_secs_f64();
     let t = Instant::now();
     for ((name, _), g) in params.iter().zip(acc) {
         let g = g.ok_or_else(|| missing(name))?;
@@ -119,19 +114,10 @@ pub fn stream_gradients(
             codec_gradients(model, objective, prepared, timings, &mut sink)?;
         }
         let t = Instant::now();
-        let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
         let params = model.lm_params.params();
-        let mut seen = vec![false; params.len()];
-        let take = &mut |i: usize, g: Tensor| {
-            seen[i] = true;
-            sink(&params[i].0, &g)
-        };
-        lm_part_gradients(model, &lm, objective, prepared, 0, LayerSink { params: &params, progress: None, take })?;
+        lm_gradients(model, objective, prepared, &params, None, &mut |i, g| sink(&params[i].0, &g))?;
         timings.backward += t.elapsed().as_secs_f64();
-        match seen.iter().position(|&s| !s) {
-            Some(i) => Err(missing(&params[i].0)),
-            None => Ok(()),
-        }
+        Ok(())
     })
 }
 
@@ -203,6 +189,33 @@ struct LayerSink<'a> {
     params: &'a [(String, Var)],
     progress: Option<&'a ProgressBar>,
     take: &'a mut dyn FnMut(usize, Tensor) -> Result<()>,
+}
+
+/// Every LM parameter's gradient, window by window (`objective.lm_parts`), each handed
+/// to `take(index into params, gradient)` as soon as its layer's backward gives it.
+/// Fails, after the last window, when a parameter missed a window.
+fn lm_gradients(
+    model: &MusicGen,
+    objective: &dyn Objective,
+    prepared: &Prepared,
+    params: &[(String, Var)],
+    progress: Option<&ProgressBar>,
+    take: &mut dyn FnMut(usize, Tensor) -> Result<()>,
+) -> Result<()> {
+    let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
+    let parts = objective.lm_parts(prepared);
+    let mut seen = vec![0usize; params.len()];
+    for part in 0..parts {
+        let take = &mut |i: usize, g: Tensor| {
+            seen[i] += 1;
+            take(i, g)
+        };
+        lm_part_gradients(model, &lm, objective, prepared, part, LayerSink { params, progress, take })?;
+    }
+    match seen.iter().position(|&n| n != parts) {
+        Some(i) => Err(missing(&params[i].0)),
+        None => Ok(()),
+    }
 }
 
 /// Gradient of one LM piece, layer by layer: a forward pass without a graph keeps each
@@ -325,7 +338,6 @@ pub fn project_gradient(
             })
         })?;
     }
-    let lm = Lm::new(&model.cfg.lm, model.lm_params.vb(false))?;
     let params = model.lm_params.params();
     let mut offsets = Vec::with_capacity(params.len());
     for (_, v) in &params {
@@ -340,26 +352,17 @@ pub fn project_gradient(
         pb.set_position(0);
         pb.reset_eta();
     }
-    let mut seen = vec![0usize; params.len()];
     let mut project_seconds = 0.0;
-    for part in 0..parts {
-        let t = Instant::now();
-        let take = &mut |i: usize, g: Tensor| {
-            let tp = Instant::now();
-            with_f32_values(&g, |values| projection.add(offsets[i], values))?;
-            drop(g);
-            seen[i] += 1;
-            project_seconds += tp.elapsed().as_secs_f64();
-            Ok(())
-        };
-        lm_part_gradients(model, &lm, objective, prepared, part, LayerSink { params: &params, progress, take })?;
-        timings.backward += t.elapsed().as_secs_f64();
-    }
-    timings.backward -= project_seconds;
+    let t = Instant::now();
+    lm_gradients(model, objective, prepared, &params, progress, &mut |i, g| {
+        let tp = Instant::now();
+        with_f32_values(&g, |values| projection.add(offsets[i], values))?;
+        drop(g);
+        project_seconds += tp.elapsed().as_secs_f64();
+        Ok(())
+    })?;
+    timings.backward += t.elapsed().as_secs_f64() - project_seconds;
     timings.project += project_seconds;
-    if let Some(i) = seen.iter().position(|&n| n != parts) {
-        return Err(missing(&params[i].0));
-    }
     // The codec part once, the LM's once per window.
     let codec_len = offsets.first().copied().unwrap_or(offset);
     projection.finish_added(codec_len + (offset - codec_len) * parts)
