@@ -137,38 +137,113 @@ impl Conv {
         Ok(Columns::new(&src, len, self.kernel, width, self.stride, self.dilation, device)?)
     }
 
-    /// `Y = W·Xcol + b` per batch row.
+    /// `Y = W·Xcol + b` per batch row, the columns gathered part by part.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, c_in, len) = x.dims3()?;
         let cols = self.columns(len, x.device())?;
         let w = self.weight.get()?;
         let c_out = w.dim(0)?;
         let w = w.reshape((c_out, c_in * self.kernel))?;
-        let rows = (0..batch).map(|b| Ok(w.matmul(&cols.gather(&x.narrow(0, b, 1)?)?)?)).collect::<Result<Vec<_>>>()?;
+        let parts = cols.parts(part_columns(c_in * self.kernel));
+        let rows = (0..batch)
+            .map(|b| {
+                let xb = x.narrow(0, b, 1)?;
+                let ys =
+                    parts.iter().map(|(_, p)| w.matmul(&p.gather(&xb)?)).collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&ys, 1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         with_bias(Tensor::stack(&rows, 0)?, self.bias.as_ref())
     }
 
     /// The backward pass of [`forward`](Self::forward) at input `x` `[1, C_in, L]`, given
     /// the output's gradient `dy`: `∂W = dY·Xcolᵀ`, `∂X = col2im(Wᵀ·dY)` (the padding's
-    /// share folded back onto the samples it mirrored).
+    /// share folded back onto the samples it mirrored), both summed part by part.
     fn backward(&self, x: &Tensor, dy: &Tensor, need_input: bool) -> Result<ConvGradients> {
         let (_, c_in, len) = x.dims3()?;
         let c_out = dy.dim(1)?;
         let cols = self.columns(len, x.device())?;
         let dy = dy.squeeze(0)?;
-        let dw = dy.matmul(&cols.gather(x)?.t()?)?.reshape((c_out, c_in, self.kernel))?;
-        let input = if need_input {
-            let w = self.weight.get()?.reshape((c_out, c_in * self.kernel))?;
-            Some(cols.scatter(&w.t()?.matmul(&dy)?)?)
-        } else {
-            None
-        };
+        let w = self.weight.get()?.reshape((c_out, c_in * self.kernel))?;
+        let wt = w.t()?;
+        let mut dw: Option<Tensor> = None;
+        let mut input = InputGradient::new(need_input, c_in, len, x.device());
+        for (range, part) in cols.parts(part_columns(c_in * self.kernel)) {
+            let dy_part = dy.narrow(1, range.start, range.len())?;
+            let g = dy_part.matmul(&part.gather(x)?.t()?)?;
+            dw = Some(match dw {
+                None => g,
+                Some(a) => (a + g)?,
+            });
+            if need_input {
+                input.add(&part, &wt.matmul(&dy_part)?)?;
+            }
+        }
+        let dw = dw.ok_or_else(|| anyhow::anyhow!("a convolution with no output steps"))?;
         let mut params = Vec::new();
-        self.weight.backward(dw, &mut params)?;
+        self.weight.backward(dw.reshape((c_out, c_in, self.kernel))?, &mut params)?;
         if self.bias.is_some() {
             params.push(("bias".into(), dy.sum(1)?));
         }
-        Ok(ConvGradients { input, params })
+        Ok(ConvGradients { input: input.finish()?, params })
+    }
+}
+
+/// Columns per part of a convolution's gathered columns (`rows` = channels × taps):
+/// about 8 MB of f32 columns, and never fewer than 256.
+fn part_columns(rows: usize) -> usize {
+    #[cfg(test)]
+    if let Some(n) = tests::PART_COLUMNS.with(|c| c.get()) {
+        return n;
+    }
+    ((2 << 20) / rows.max(1)).max(256)
+}
+
+/// The sum of the parts of a scatter onto a signal of `[1, C, len]`: one f32 buffer
+/// when the parts are untracked f32 tensors, otherwise a sum of Candle tensors (any
+/// dtype, through autograd).
+struct InputGradient {
+    wanted: bool,
+    shape: (usize, usize, usize),
+    device: Device,
+    buffer: Option<Vec<f32>>,
+    sum: Option<Tensor>,
+}
+
+impl InputGradient {
+    fn new(wanted: bool, channels: usize, len: usize, device: &Device) -> Self {
+        Self { wanted, shape: (1, channels, len), device: device.clone(), buffer: None, sum: None }
+    }
+
+    fn add(&mut self, part: &Columns, cols: &Tensor) -> Result<()> {
+        if self.sum.is_none() {
+            let (_, c, len) = self.shape;
+            let buffer = self.buffer.get_or_insert_with(|| vec![0f32; c * len]);
+            if part.scatter_into(cols, buffer)? {
+                return Ok(());
+            }
+            if self.buffer.as_ref().is_some_and(|b| b.iter().any(|&v| v != 0.0)) {
+                bail!("a scatter of f32 parts met a part of another kind");
+            }
+            self.buffer = None;
+        }
+        let s = part.scatter(cols)?;
+        self.sum = Some(match self.sum.take() {
+            None => s,
+            Some(a) => (a + s)?,
+        });
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Option<Tensor>> {
+        if !self.wanted {
+            return Ok(None);
+        }
+        Ok(Some(match (self.sum, self.buffer) {
+            (Some(s), _) => s,
+            (None, Some(b)) => Tensor::from_vec(b, self.shape, &self.device)?,
+            (None, None) => bail!("a scatter with no parts"),
+        }))
     }
 }
 
@@ -220,15 +295,26 @@ impl ConvTr {
         Ok(Columns::new(&src, out_len, self.kernel, len, self.stride, 1, device)?)
     }
 
-    /// `Y = col2im(Wᵀ·X) + b` per batch row (the overlap-add of every tap).
+    /// `Y = col2im(Wᵀ·X) + b` per batch row (the overlap-add of every tap), part by part
+    /// of the input's steps.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, c_in, len) = x.dims3()?;
         let cols = self.columns(len, x.device())?;
         let w = self.weight.get()?;
         let c_out = w.dim(1)?;
+        let out_len = cols.signal_len();
         let w = w.reshape((c_in, c_out * self.kernel))?.t()?;
+        let parts = cols.parts(part_columns(c_out * self.kernel));
         let rows = (0..batch)
-            .map(|b| Ok(cols.scatter(&w.matmul(&x.get(b)?.contiguous()?)?)?.squeeze(0)?))
+            .map(|b| {
+                let xb = x.get(b)?;
+                let mut y = InputGradient::new(true, c_out, out_len, x.device());
+                for (range, part) in &parts {
+                    y.add(part, &w.matmul(&xb.narrow(1, range.start, range.len())?.contiguous()?)?)?;
+                }
+                let y = y.finish()?.ok_or_else(|| anyhow::anyhow!("a transposed convolution with no output"))?;
+                Ok(y.squeeze(0)?)
+            })
             .collect::<Result<Vec<_>>>()?;
         with_bias(Tensor::stack(&rows, 0)?, self.bias.as_ref())
     }
@@ -236,21 +322,30 @@ impl ConvTr {
     /// The backward pass of [`forward`](Self::forward) at input `x` `[1, C_in, L]`: input
     /// sample `j` reached outputs `j·stride + k` through tap `k`, so the gradient gathers
     /// those (trimmed ones are zero) into columns `dYcol` `[C_out·K, L]`, and
-    /// `∂W = X·dYcolᵀ`, `∂X = W·dYcol`.
+    /// `∂W = X·dYcolᵀ`, `∂X = W·dYcol`, part by part of the input's steps.
     fn backward(&self, x: &Tensor, dy: &Tensor, need_input: bool) -> Result<ConvGradients> {
         let (_, c_in, len) = x.dims3()?;
         let c_out = dy.dim(1)?;
-        let cols = self.columns(len, x.device())?.gather(dy)?;
+        let cols = self.columns(len, x.device())?;
         let x = x.squeeze(0)?;
-        let dw = x.matmul(&cols.t()?)?.reshape((c_in, c_out, self.kernel))?;
-        let input = if need_input {
-            let w = self.weight.get()?.reshape((c_in, c_out * self.kernel))?;
-            Some(w.matmul(&cols)?.unsqueeze(0)?)
-        } else {
-            None
-        };
+        let w = self.weight.get()?.reshape((c_in, c_out * self.kernel))?;
+        let mut dw: Option<Tensor> = None;
+        let mut dx = Vec::new();
+        for (range, part) in cols.parts(part_columns(c_out * self.kernel)) {
+            let d_cols = part.gather(dy)?;
+            let g = x.narrow(1, range.start, range.len())?.matmul(&d_cols.t()?)?;
+            dw = Some(match dw {
+                None => g,
+                Some(a) => (a + g)?,
+            });
+            if need_input {
+                dx.push(w.matmul(&d_cols)?);
+            }
+        }
+        let dw = dw.ok_or_else(|| anyhow::anyhow!("a transposed convolution over no steps"))?;
+        let input = if need_input { Some(Tensor::cat(&dx, 1)?.unsqueeze(0)?) } else { None };
         let mut params = Vec::new();
-        self.weight.backward(dw, &mut params)?;
+        self.weight.backward(dw.reshape((c_in, c_out, self.kernel))?, &mut params)?;
         if self.bias.is_some() {
             params.push(("bias".into(), dy.squeeze(0)?.sum(1)?));
         }
@@ -964,6 +1059,44 @@ mod tests {
                     for (t, &got) in y[b][o].iter().enumerate() {
                         let e = want[o][t + left] + bs[o];
                         assert!((got - e).abs() < 1e-12, "causal {causal}, b {b}, o {o}, t {t}: {got} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    thread_local! {
+        /// Overrides [`part_columns`] on this thread.
+        pub(super) static PART_COLUMNS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    #[test]
+    fn convolutions_by_parts_give_what_the_whole_gives() {
+        // Columns gathered and scattered a few at a time (down to one) against all at
+        // once: output and every gradient, in f64 (Candle's ops, summed as tensors) and
+        // f32 (the parallel loops, one buffer).
+        for cfg in [reflect_cfg(), causal_cfg()] {
+            let tensors = random_tensors(&cfg);
+            let (z, r) = latent_and_weights(&cfg, 6, 9);
+            let run = |dtype: DType, parts: Option<usize>| {
+                PART_COLUMNS.with(|c| c.set(parts));
+                let store = ParamStore::new(tensors.clone(), "test codec", &Device::Cpu).with_dtype(dtype);
+                let dec = CodecDecoder::new(&cfg, store.vb(true).pp("decoder")).unwrap();
+                let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+                let y = dec.forward(&cast(&z)).unwrap().to_dtype(DType::F64).unwrap();
+                let g = by_hand(&dec, &cast(&z), &cast(&r));
+                PART_COLUMNS.with(|c| c.set(None));
+                (y, g)
+            };
+            let (y_whole, g_whole) = run(DType::F64, None);
+            for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-4)] {
+                for parts in [1, 3, 7] {
+                    let (y, g) = run(dtype, Some(parts));
+                    let err = max_abs(&(y - &y_whole).unwrap());
+                    assert!(err <= tol * max_abs(&y_whole), "{dtype:?}, {parts} columns a part: output off by {err:e}");
+                    for (name, e) in &g_whole {
+                        let err = max_abs(&(g[name].to_dtype(DType::F64).unwrap() - e).unwrap());
+                        assert!(err <= tol * max_abs(e), "{dtype:?}, {parts} columns a part: {name} off by {err:e}");
                     }
                 }
             }

@@ -76,6 +76,11 @@ impl Columns {
         Ok(Self { idx, len, taps, width, device: device.clone() })
     }
 
+    /// Samples of the signal the columns read.
+    pub fn signal_len(&self) -> usize {
+        self.len
+    }
+
     /// Columns that are the signal itself (a 1×1 convolution without padding).
     fn is_identity(&self) -> bool {
         self.taps == 1 && self.width == self.len && self.idx.iter().enumerate().all(|(i, &s)| s as usize == i)
@@ -141,6 +146,53 @@ impl Columns {
                 acc.index_add(&self.idx_tensor()?, &cols, 2)?.narrow(2, 0, len)
             }
         }
+    }
+
+    /// Columns `range` of this pattern alone: a convolution's output steps
+    /// `range` read (or, transposed, write) through it, over the same signal.
+    pub fn part(&self, range: std::ops::Range<usize>) -> Columns {
+        let idx = (0..self.taps).flat_map(|k| self.idx[k * self.width..][range.clone()].iter().copied()).collect();
+        Columns { idx, len: self.len, taps: self.taps, width: range.len(), device: self.device.clone() }
+    }
+
+    /// The pattern cut into consecutive parts of at most `columns` columns each (one
+    /// part when it has no more): a convolution over a long signal gathers its columns
+    /// part by part, so that they stay a few MB (cached) instead of `C·taps` times the
+    /// signal (573 MB for the last layer of a 10 s decoder).
+    pub fn parts(&self, columns: usize) -> Vec<(std::ops::Range<usize>, Columns)> {
+        let columns = columns.max(1);
+        if self.width <= columns || self.is_identity() {
+            return vec![(0..self.width, self.part(0..self.width))];
+        }
+        (0..self.width)
+            .step_by(columns)
+            .map(|t0| {
+                let range = t0..(t0 + columns).min(self.width);
+                (range.clone(), self.part(range))
+            })
+            .collect()
+    }
+
+    /// [`scatter`](Self::scatter) added into `out` (`[C, len]` f32, row-major) instead of
+    /// returned, for summing the parts of a long scatter in one buffer; `false` (and
+    /// nothing added) unless `cols` is an untracked f32 tensor.
+    pub fn scatter_into(&self, cols: &Tensor, out: &mut [f32]) -> Result<bool> {
+        let (rows, width) = cols.dims2()?;
+        if width != self.width || rows % self.taps != 0 || out.len() != rows / self.taps * self.len {
+            candle_core::bail!("columns [{rows}, {width}] do not match {} taps × {} columns", self.taps, self.width);
+        }
+        let cols = cols.contiguous()?;
+        let (tw, len) = (self.taps * self.width, self.len);
+        let done = untracked_f32(&cols, |cs| {
+            out.par_chunks_mut(len).zip(cs.par_chunks(tw)).for_each(|(o, col)| {
+                for (&v, &i) in col.iter().zip(&self.idx) {
+                    if let Some(s) = o.get_mut(i as usize) {
+                        *s += v;
+                    }
+                }
+            });
+        })?;
+        Ok(done.is_some())
     }
 
     fn idx_tensor(&self) -> Result<Tensor> {
