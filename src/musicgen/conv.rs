@@ -127,25 +127,15 @@ impl Columns {
         }
         let cols = cols.contiguous()?;
         let (tw, len) = (self.taps * self.width, self.len);
-        let fast = untracked_f32(&cols, |cs| {
+        if cols.dtype() == candle_core::DType::F32 && !cols.track_op() {
             let mut out = vec![0f32; c * len];
-            out.par_chunks_mut(len).zip(cs.par_chunks(tw)).for_each(|(o, col)| {
-                for (&v, &i) in col.iter().zip(&self.idx) {
-                    if let Some(s) = o.get_mut(i as usize) {
-                        *s += v;
-                    }
-                }
-            });
-            out
-        })?;
-        match fast {
-            Some(out) => Tensor::from_vec(out, (1, c, len), &self.device),
-            None => {
-                let cols = cols.reshape((1, c, tw))?;
-                let acc = Tensor::zeros((1, c, len + 1), cols.dtype(), cols.device())?;
-                acc.index_add(&self.idx_tensor()?, &cols, 2)?.narrow(2, 0, len)
+            if self.scatter_into(&cols, &mut out)? {
+                return Tensor::from_vec(out, (1, c, len), &self.device);
             }
         }
+        let cols = cols.reshape((1, c, tw))?;
+        let acc = Tensor::zeros((1, c, len + 1), cols.dtype(), cols.device())?;
+        acc.index_add(&self.idx_tensor()?, &cols, 2)?.narrow(2, 0, len)
     }
 
     /// Columns `range` of this pattern alone: a convolution's output steps
