@@ -19,7 +19,7 @@ use indicatif::ProgressBar;
 use super::objective::{Example, Objective, Prepared};
 use super::projector::ProjectorSpec;
 use crate::musicgen::lm::{LayerSaved, Lm};
-use crate::musicgen::ops::with_f32_values;
+use crate::musicgen::ops::{accumulate, with_f32_values};
 use crate::musicgen::MusicGen;
 
 /// Memory the LM's backward may spend on keeping layers' intermediates from the forward
@@ -78,7 +78,7 @@ pub fn for_each_gradient(
     let params = model.lm_params.params();
     let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
     let t = Instant::now();
-    lm_gradients(model, objective, prepared, &params, None, &mut |i, g| accumulate(&mut acc[i], g))?;
+    lm_gradients(model, objective, prepared, &params, None, &mut |i, g| Ok(accumulate(&mut acc[i], g)?))?;
     timings.backward += t.elapsed().as_secs_f64();
     let t = Instant::now();
     for ((name, _), g) in params.iter().zip(acc) {
@@ -143,7 +143,7 @@ fn codec_gradients(
         decoder.backward(tape, &d_audio, &mut |name, g| {
             let name = format!("decoder.{name}");
             let &i = index.get(name.as_str()).ok_or_else(|| missing(&name))?;
-            accumulate(&mut acc[i], g)
+            Ok(accumulate(&mut acc[i], g)?)
         })?;
     }
     let codec_seconds = t.elapsed().as_secs_f64();
@@ -155,15 +155,6 @@ fn codec_gradients(
         sink(name, &g)?;
     }
     timings.project += t.elapsed().as_secs_f64();
-    Ok(())
-}
-
-/// `slot += g`.
-fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
-    *slot = Some(match slot.take() {
-        None => g,
-        Some(a) => (a + g)?,
-    });
     Ok(())
 }
 
@@ -272,10 +263,7 @@ fn lm_part_gradients(
         };
         upstream = grads.input;
         if let Some(g) = grads.states {
-            d_states = Some(match d_states {
-                None => g,
-                Some(a) => (a + g)?,
-            });
+            accumulate(&mut d_states, g)?;
         }
         for (suffix, g) in grads.params {
             let name = format!("transformer.layers.{i}.{suffix}");

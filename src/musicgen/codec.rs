@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use super::config::{CodecConfig, PadMode};
 use super::conv::{pad_source, Columns};
 use super::lstm::{lstm_layer, lstm_layer_backward, lstm_layer_traced, Trace};
-use super::ops::{elu, elu_backward, embedding};
+use super::ops::{accumulate, elu, elu_backward, embedding, is_untracked_f32};
 use super::params::Vb;
 
 /// A convolution weight, plain or weight-normalised (`W = g · v / ‖v‖`, the norm taken
@@ -167,15 +167,12 @@ impl Conv {
         let w = self.weight.get()?.reshape((c_out, c_in * self.kernel))?;
         let wt = w.t()?;
         let mut dw: Option<Tensor> = None;
-        let mut input = InputGradient::new(need_input, c_in, len, x.device());
+        let mut input = need_input.then(|| ScatterSum::new(c_in, len, x.device()));
         for (range, part) in cols.parts(part_columns(c_in * self.kernel)) {
             let dy_part = dy.narrow(1, range.start, range.len())?;
             let g = dy_part.matmul(&part.gather(x)?.t()?)?;
-            dw = Some(match dw {
-                None => g,
-                Some(a) => (a + g)?,
-            });
-            if need_input {
+            accumulate(&mut dw, g)?;
+            if let Some(input) = input.as_mut() {
                 input.add(&part, &wt.matmul(&dy_part)?)?;
             }
         }
@@ -185,7 +182,7 @@ impl Conv {
         if self.bias.is_some() {
             params.push(("bias".into(), dy.sum(1)?));
         }
-        Ok(ConvGradients { input: input.finish()?, params })
+        Ok(ConvGradients { input: input.map(ScatterSum::finish).transpose()?, params })
     }
 }
 
@@ -199,51 +196,41 @@ fn part_columns(rows: usize) -> usize {
     ((2 << 20) / rows.max(1)).max(256)
 }
 
-/// The sum of the parts of a scatter onto a signal of `[1, C, len]`: one f32 buffer
-/// when the parts are untracked f32 tensors, otherwise a sum of Candle tensors (any
-/// dtype, through autograd).
-struct InputGradient {
-    wanted: bool,
+/// The sum of a scatter's parts onto a signal `[1, C, len]`: one f32 buffer that the
+/// parallel loop adds into when the parts are untracked f32 tensors, otherwise a sum of
+/// Candle tensors (any dtype, through autograd).
+struct ScatterSum {
     shape: (usize, usize, usize),
     device: Device,
     buffer: Option<Vec<f32>>,
     sum: Option<Tensor>,
 }
 
-impl InputGradient {
-    fn new(wanted: bool, channels: usize, len: usize, device: &Device) -> Self {
-        Self { wanted, shape: (1, channels, len), device: device.clone(), buffer: None, sum: None }
+impl ScatterSum {
+    fn new(channels: usize, len: usize, device: &Device) -> Self {
+        Self { shape: (1, channels, len), device: device.clone(), buffer: None, sum: None }
     }
 
     fn add(&mut self, part: &Columns, cols: &Tensor) -> Result<()> {
-        if self.sum.is_none() {
+        if is_untracked_f32(cols) && self.sum.is_none() {
             let (_, c, len) = self.shape;
             let buffer = self.buffer.get_or_insert_with(|| vec![0f32; c * len]);
             if part.scatter_into(cols, buffer)? {
                 return Ok(());
             }
-            if self.buffer.as_ref().is_some_and(|b| b.iter().any(|&v| v != 0.0)) {
-                bail!("a scatter of f32 parts met a part of another kind");
-            }
-            self.buffer = None;
         }
-        let s = part.scatter(cols)?;
-        self.sum = Some(match self.sum.take() {
-            None => s,
-            Some(a) => (a + s)?,
-        });
-        Ok(())
+        if self.buffer.is_some() {
+            bail!("the parts of one scatter came both as untracked f32 tensors and otherwise");
+        }
+        Ok(accumulate(&mut self.sum, part.scatter(cols)?)?)
     }
 
-    fn finish(self) -> Result<Option<Tensor>> {
-        if !self.wanted {
-            return Ok(None);
+    fn finish(self) -> Result<Tensor> {
+        match (self.buffer, self.sum) {
+            (Some(b), None) => Ok(Tensor::from_vec(b, self.shape, &self.device)?),
+            (None, Some(s)) => Ok(s),
+            _ => bail!("a scatter with no parts"),
         }
-        Ok(Some(match (self.sum, self.buffer) {
-            (Some(s), _) => s,
-            (None, Some(b)) => Tensor::from_vec(b, self.shape, &self.device)?,
-            (None, None) => bail!("a scatter with no parts"),
-        }))
     }
 }
 
@@ -308,12 +295,11 @@ impl ConvTr {
         let rows = (0..batch)
             .map(|b| {
                 let xb = x.get(b)?;
-                let mut y = InputGradient::new(true, c_out, out_len, x.device());
+                let mut y = ScatterSum::new(c_out, out_len, x.device());
                 for (range, part) in &parts {
                     y.add(part, &w.matmul(&xb.narrow(1, range.start, range.len())?.contiguous()?)?)?;
                 }
-                let y = y.finish()?.ok_or_else(|| anyhow::anyhow!("a transposed convolution with no output"))?;
-                Ok(y.squeeze(0)?)
+                Ok(y.finish()?.squeeze(0)?)
             })
             .collect::<Result<Vec<_>>>()?;
         with_bias(Tensor::stack(&rows, 0)?, self.bias.as_ref())
@@ -334,10 +320,7 @@ impl ConvTr {
         for (range, part) in cols.parts(part_columns(c_out * self.kernel)) {
             let d_cols = part.gather(dy)?;
             let g = x.narrow(1, range.start, range.len())?.matmul(&d_cols.t()?)?;
-            dw = Some(match dw {
-                None => g,
-                Some(a) => (a + g)?,
-            });
+            accumulate(&mut dw, g)?;
             if need_input {
                 dx.push(w.matmul(&d_cols)?);
             }
@@ -1088,6 +1071,11 @@ mod tests {
                 PART_COLUMNS.with(|c| c.set(None));
                 (y, g)
             };
+            // Candle's autograd through the parts (tensors cut, scattered and summed)
+            // against the backward by hand, also by parts.
+            PART_COLUMNS.with(|c| c.set(Some(3)));
+            check_against_autograd(&cfg, &tensors, 6);
+            PART_COLUMNS.with(|c| c.set(None));
             let (y_whole, g_whole) = run(DType::F64, None);
             for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-4)] {
                 for parts in [1, 3, 7] {

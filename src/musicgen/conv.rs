@@ -14,7 +14,7 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::config::PadMode;
-use super::ops::untracked_f32;
+use super::ops::{is_untracked_f32, untracked_f32};
 
 /// Where each position of a signal of `len` samples padded by `left` and `right` reads
 /// from: a sample index, or `len` for a zero. Reflect padding mirrors without repeating
@@ -127,7 +127,7 @@ impl Columns {
         }
         let cols = cols.contiguous()?;
         let (tw, len) = (self.taps * self.width, self.len);
-        if cols.dtype() == candle_core::DType::F32 && !cols.track_op() {
+        if is_untracked_f32(&cols) {
             let mut out = vec![0f32; c * len];
             if self.scatter_into(&cols, &mut out)? {
                 return Tensor::from_vec(out, (1, c, len), &self.device);

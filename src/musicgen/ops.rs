@@ -415,6 +415,22 @@ fn expm1_f32(x: f32) -> f32 {
     s * p + (s - 1.0)
 }
 
+/// `slot += g`, `slot` starting empty: a sum of tensors that arrive one by one
+/// (gradients over windows or over a convolution's parts).
+pub fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *slot = Some(match slot.take() {
+        None => g,
+        Some(a) => (a + g)?,
+    });
+    Ok(())
+}
+
+/// Whether `t` is an f32 tensor without an autograd graph: what the parallel f32 loops
+/// (here and in `conv`) take, once contiguous.
+pub(crate) fn is_untracked_f32(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && !t.track_op()
+}
+
 /// Calls `f` on a CPU tensor's values as f32, borrowed in place when they already are
 /// contiguous f32 (a gradient of the model's size is not copied), converted otherwise.
 pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> anyhow::Result<R>) -> anyhow::Result<R> {
