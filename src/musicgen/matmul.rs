@@ -114,6 +114,85 @@ fn direct(a: &Tensor, b: &Tensor) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
     Ok(Some((dst, shape)))
 }
 
+/// A strided view of an f32 matrix: element `(i, j)` is `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major matrix whose rows lie `rs` apart.
+    pub fn rows_apart(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        Self { data, rows, cols, rs, cs: 1 }
+    }
+
+    /// Rows `start..start + len`.
+    pub fn rows(self, start: usize, len: usize) -> Self {
+        let data = if len == 0 { &self.data[..0] } else { &self.data[start * self.rs..] };
+        Self { data, rows: len, ..self }
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+    }
+
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst = a·b`, or `dst += a·b` with `accumulate`, on the calling thread (for products
+/// small enough that many of them run side by side, one per task). `dst` is row-major
+/// with rows `dst_rs` apart.
+pub(crate) fn gemm_into(dst: &mut [f32], dst_rs: usize, a: View, b: View, accumulate: bool) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let fits = m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst.len() && n <= dst_rs);
+    if b.rows != k || !a.in_bounds() || !b.in_bounds() || !fits {
+        candle_core::bail!("gemm_into: {m}×{k} · {}×{n} into {} numbers (rows {dst_rs} apart)", b.rows, dst.len());
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.chunks_mut(dst_rs).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return Ok(());
+    }
+    // SAFETY: every element read lies in `a.data` / `b.data` and every one written in
+    // `dst` (checked above); the borrows keep them alive and `dst` unaliased.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +247,41 @@ mod tests {
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(v.as_tensor()).is_some(), "the graph was recorded");
         assert!(matmul(&randn(&[4, 6], 5), &randn(&[5, 5], 6)).is_err());
+    }
+    /// `gemm_into` against Candle's matmul: transposed and row-offset views, a
+    /// destination with wider rows, accumulation, and refused shapes.
+    #[test]
+    fn gemm_into_matches_candle() {
+        let a = randn(&[9, 13], 11);
+        let b = randn(&[7, 13], 12);
+        let (av, bv) =
+            (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        // rows 2..8 of a, times bᵀ: 6×7, written into rows 10 apart.
+        let expect = a.narrow(0, 2, 6).unwrap().matmul(&b.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        let mut dst = vec![5.0f32; 60];
+        let (va, vb) = (View::rows_apart(&av, 9, 13, 13).rows(2, 6), View::rows_apart(&bv, 7, 13, 13).t());
+        gemm_into(&mut dst, 10, va, vb, false).unwrap();
+        for (i, row) in expect.iter().enumerate() {
+            for (j, &e) in row.iter().enumerate() {
+                assert!((dst[i * 10 + j] - e).abs() <= 1e-5 * (1.0 + e.abs()), "({i}, {j})");
+            }
+            assert!(dst[i * 10 + 7..i * 10 + 10].iter().all(|&x| x == 5.0), "row {i}: written past its end");
+        }
+        gemm_into(&mut dst, 10, va, vb, true).unwrap();
+        for (i, row) in expect.iter().enumerate() {
+            for (j, &e) in row.iter().enumerate() {
+                assert!((dst[i * 10 + j] - 2.0 * e).abs() <= 1e-5 * (1.0 + e.abs()), "accumulated ({i}, {j})");
+            }
+        }
+        // aᵀ·a: a transposed left operand.
+        let ata = a.t().unwrap().matmul(&a).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut dst = vec![0.0f32; 13 * 13];
+        let va = View::rows_apart(&av, 9, 13, 13);
+        gemm_into(&mut dst, 13, va.t(), va, false).unwrap();
+        assert!(dst.iter().zip(&ata).all(|(x, e)| (x - e).abs() <= 1e-5 * (1.0 + e.abs())));
+        // Mismatched inner sizes, a view past its data, a destination too small.
+        assert!(gemm_into(&mut dst, 13, va, va, false).is_err());
+        assert!(gemm_into(&mut dst, 13, View::rows_apart(&av, 10, 13, 13).t(), va, false).is_err());
+        assert!(gemm_into(&mut dst[..100], 13, va.t(), va, false).is_err());
     }
 }
