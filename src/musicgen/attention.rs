@@ -12,7 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::matmul::matmul;
-use super::ops::{causal_mask, cpu_storage, cpu_tensor, softmax_last};
+use super::ops::{causal_mask, cpu_storage, cpu_tensor, exp_f32, softmax_last, WideLoop};
 
 /// Query rows per block.
 const BLOCK: usize = 128;
@@ -73,32 +73,84 @@ fn seen_keys(r: usize, len: usize, visible: usize, causal: bool) -> usize {
     }
 }
 
+/// In place, each row of a block of `len` rows of `visible` scores becomes
+/// `softmax(scale·row)`, causally masked (row `r` sees [`seen_keys`]; the rest get
+/// probability 0), vectorised ([`run_wide`]).
+struct SoftmaxRows<'a> {
+    scores: &'a mut [f32],
+    len: usize,
+    visible: usize,
+    scale: f32,
+    causal: bool,
+}
+
+impl WideLoop for SoftmaxRows<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let Self { scores, len, visible, scale, causal } = self;
+        for (r, row) in scores.chunks_mut(visible).enumerate() {
+            softmax_row(row, seen_keys(r, len, visible, causal), scale);
+        }
+    }
+}
+
+/// Sixteen independent lanes for a row's reductions, so that they vectorise.
+const LANES: usize = 16;
+
 /// In place, the first `seen` entries of a row of scores become `softmax(scale·x)`, the
-/// rest 0: scaling, mask, max, exp, sum and division in one pass.
+/// rest 0.
+#[inline(always)]
 fn softmax_row(row: &mut [f32], seen: usize, scale: f32) {
     let (live, masked) = row.split_at_mut(seen);
-    let mut max = f32::NEG_INFINITY;
-    for x in live.iter_mut() {
-        *x *= scale;
-        max = max.max(*x);
+    let mut max = [f32::NEG_INFINITY; LANES];
+    for c in live.chunks_mut(LANES) {
+        for (m, x) in max.iter_mut().zip(c) {
+            *x *= scale;
+            *m = m.max(*x);
+        }
     }
-    let mut sum = 0f32;
-    for x in live.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
+    let max = max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = [0f32; LANES];
+    for c in live.chunks_mut(LANES) {
+        for (s, x) in sum.iter_mut().zip(c) {
+            *x = exp_f32(*x - max);
+            *s += *x;
+        }
     }
+    let sum: f32 = sum.iter().sum();
     for x in live.iter_mut() {
         *x /= sum;
     }
     masked.fill(0.0);
 }
 
-/// In place, a row of `dP` becomes `scale·dS` with `dS = P ⊙ (dP − rowsum(dP ⊙ P))`,
-/// the gradient of the scores through the softmax.
-fn softmax_backward_row(d: &mut [f32], p: &[f32], scale: f32) {
-    let dot: f32 = d.iter().zip(p).map(|(&d, &p)| d * p).sum();
-    for (d, &p) in d.iter_mut().zip(p) {
-        *d = p * (*d - dot) * scale;
+/// In place, each row of `dP` becomes `scale·dS` with `dS = P ⊙ (dP − rowsum(dP ⊙ P))`,
+/// the gradient of the scores through the softmax (rows of `visible`), vectorised.
+struct SoftmaxBackwardRows<'a> {
+    dp: &'a mut [f32],
+    p: &'a [f32],
+    visible: usize,
+    scale: f32,
+}
+
+impl WideLoop for SoftmaxBackwardRows<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let Self { dp, p, visible, scale } = self;
+        for (d, p) in dp.chunks_mut(visible).zip(p.chunks(visible)) {
+            let mut dot = [0f32; LANES];
+            for (d, p) in d.chunks(LANES).zip(p.chunks(LANES)) {
+                for ((s, &d), &p) in dot.iter_mut().zip(d).zip(p) {
+                    *s += d * p;
+                }
+            }
+            let dot: f32 = dot.iter().sum();
+            for (d, &p) in d.iter_mut().zip(p) {
+                *d = p * (*d - dot) * scale;
+            }
+        }
     }
 }
 
@@ -178,8 +230,9 @@ mod per_head {
     use candle_core::{DType, Device, Result, Storage, Tensor};
     use rayon::prelude::*;
 
-    use super::{blocks, seen_keys, softmax_backward_row, softmax_row};
+    use super::{blocks, SoftmaxBackwardRows, SoftmaxRows};
     use crate::musicgen::matmul::{gemm_into, View};
+    use crate::musicgen::ops::run_wide;
 
     /// The heads of a `[B, H, S, d]` f32 tensor, in place: rows of each head lie `rs`
     /// apart from `offsets[b·H + h]` (a narrowed key/value cache is not contiguous).
@@ -267,9 +320,7 @@ mod per_head {
         let (len, visible) = (q.rows, k.rows);
         buffer.resize(len * visible, 0.0);
         gemm_into(buffer, visible, q, k.t(), false)?;
-        for (r, row) in buffer.chunks_mut(visible).enumerate() {
-            softmax_row(row, seen_keys(r, len, visible, causal), scale);
-        }
+        run_wide(SoftmaxRows { scores: buffer, len, visible, scale, causal });
         Ok(View::rows_apart(buffer, len, visible, visible))
     }
 
@@ -328,9 +379,7 @@ mod per_head {
             gemm_into(dv, vd, p.t(), d_o, true)?;
             ds.resize(len * visible, 0.0);
             gemm_into(ds, visible, d_o, values.t(), false)?;
-            for (d, p) in ds.chunks_mut(visible).zip(p.data.chunks(visible)) {
-                softmax_backward_row(d, p, scale);
-            }
+            run_wide(SoftmaxBackwardRows { dp: ds, p: &p.data[..len * visible], visible, scale });
             let ds = View::rows_apart(ds, len, visible, visible);
             gemm_into(&mut dq[start * hd..], hd, ds, keys, false)?;
             gemm_into(dk, hd, ds.t(), q_block, true)?;

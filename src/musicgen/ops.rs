@@ -8,6 +8,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Result, Tensor, WithDType, D};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Layer normalisation over the last dimension, composed from primitive ops.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
@@ -286,11 +287,12 @@ pub fn gelu_erf_with_slope(u: &Tensor) -> Result<(Tensor, Tensor)> {
 #[derive(Clone, Copy)]
 struct Gelu;
 
-impl ChunkLoop<1> for Gelu {
+// SAFETY: `run` writes every element of its output (zipped with the equally long input).
+unsafe impl ChunkLoop<1> for Gelu {
     #[inline(always)]
-    fn run(self, u: &[f32], _: &[f32], [y]: [&mut [f32]; 1]) {
+    fn run(self, u: &[f32], _: &[f32], [y]: [&mut [MaybeUninit<f32>]; 1]) {
         for (y, &u) in y.iter_mut().zip(u) {
-            *y = (u as f64 * normal_cdf_pdf(u).0) as f32;
+            y.write((u as f64 * normal_cdf_pdf(u).0) as f32);
         }
     }
 }
@@ -298,13 +300,14 @@ impl ChunkLoop<1> for Gelu {
 #[derive(Clone, Copy)]
 struct GeluAndSlope;
 
-impl ChunkLoop<2> for GeluAndSlope {
+// SAFETY: `run` writes every element of both outputs (zipped with the input).
+unsafe impl ChunkLoop<2> for GeluAndSlope {
     #[inline(always)]
-    fn run(self, u: &[f32], _: &[f32], [y, slope]: [&mut [f32]; 2]) {
+    fn run(self, u: &[f32], _: &[f32], [y, slope]: [&mut [MaybeUninit<f32>]; 2]) {
         for ((y, s), &u) in y.iter_mut().zip(slope.iter_mut()).zip(u) {
             let (cdf, pdf_term) = normal_cdf_pdf(u);
-            *y = (u as f64 * cdf) as f32;
-            *s = (cdf + pdf_term) as f32;
+            y.write((u as f64 * cdf) as f32);
+            s.write((cdf + pdf_term) as f32);
         }
     }
 }
@@ -400,11 +403,12 @@ pub fn elu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 #[derive(Clone, Copy)]
 struct Elu;
 
-impl ChunkLoop<1> for Elu {
+// SAFETY: `run` writes every element of its output (zipped with the equally long input).
+unsafe impl ChunkLoop<1> for Elu {
     #[inline(always)]
-    fn run(self, x: &[f32], _: &[f32], [out]: [&mut [f32]; 1]) {
+    fn run(self, x: &[f32], _: &[f32], [out]: [&mut [MaybeUninit<f32>]; 1]) {
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = if v > 0.0 { v } else { expm1_f32(v) };
+            o.write(if v > 0.0 { v } else { expm1_f32(v) });
         }
     }
 }
@@ -412,71 +416,110 @@ impl ChunkLoop<1> for Elu {
 #[derive(Clone, Copy)]
 struct EluBackward;
 
-impl ChunkLoop<1> for EluBackward {
+// SAFETY: `run` writes every element of its output (zipped with the equally long inputs).
+unsafe impl ChunkLoop<1> for EluBackward {
     #[inline(always)]
-    fn run(self, x: &[f32], dy: &[f32], [out]: [&mut [f32]; 1]) {
+    fn run(self, x: &[f32], dy: &[f32], [out]: [&mut [MaybeUninit<f32>]; 1]) {
         for ((o, &v), &d) in out.iter_mut().zip(x).zip(dy) {
-            *o = if v > 0.0 { d } else { d * (expm1_f32(v) + 1.0) };
+            o.write(if v > 0.0 { d } else { d * (expm1_f32(v) + 1.0) });
         }
     }
 }
 
-/// A loop over matching chunks of two inputs and `N` outputs, written to vectorise. A
-/// trait method marked `inline(always)` rather than a function item: the call shim of a
-/// function item is not always inlined into [`map_chunks_f32`]'s AVX2 function, and the
-/// loop then runs without AVX2 and FMA.
-trait ChunkLoop<const N: usize>: Copy + Sync {
-    fn run(self, x: &[f32], y: &[f32], outs: [&mut [f32]; N]);
+/// A loop written to vectorise, for [`run_wide`]: implementations mark `run`
+/// `inline(always)`, so that it is compiled inside `run_wide`'s AVX functions (a
+/// function item or closure passed instead goes through a call shim that is not always
+/// inlined, and its loop then runs without AVX2 and FMA).
+pub(crate) trait WideLoop {
+    type Output;
+    fn run(self) -> Self::Output;
+}
+
+/// `l.run()` compiled for AVX-512F, or AVX2 and FMA, where the CPU has them.
+#[inline]
+pub(crate) fn run_wide<L: WideLoop>(l: L) -> L::Output {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn wide<L: WideLoop>(l: L) -> L::Output {
+            l.run()
+        }
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn wider<L: WideLoop>(l: L) -> L::Output {
+            l.run()
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU reports AVX-512F, AVX2 and FMA.
+                return unsafe { wider(l) };
+            }
+            // SAFETY: the CPU reports AVX2 and FMA.
+            return unsafe { wide(l) };
+        }
+    }
+    l.run()
+}
+
+/// An elementwise loop over matching chunks of two inputs and `N` outputs, for
+/// [`map_chunks_f32`] (`run` marked `inline(always)`, as [`WideLoop`]'s). The outputs
+/// are not initialised (zero-filling them first was a serial pass, 2% of a gradient
+/// step's time).
+///
+/// # Safety
+/// `run` must write every element of every output chunk: they are read afterwards.
+unsafe trait ChunkLoop<const N: usize>: Copy + Sync {
+    fn run(self, x: &[f32], y: &[f32], outs: [&mut [MaybeUninit<f32>]; N]);
+}
+
+/// One chunk of [`map_chunks_f32`].
+struct Chunk<'a, const N: usize, F> {
+    f: F,
+    x: &'a [f32],
+    y: &'a [f32],
+    outs: [&'a mut [MaybeUninit<f32>]; N],
+}
+
+impl<const N: usize, F: ChunkLoop<N>> WideLoop for Chunk<'_, N, F> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        self.f.run(self.x, self.y, self.outs)
+    }
 }
 
 /// `f.run(x, y, outs)` over matching chunks of two same-shaped untracked f32 tensors and
-/// of `N` outputs, chunks in parallel, `f` compiled for AVX-512 or AVX2 and FMA where
-/// the CPU has them, as its loops are written to vectorise; `None` when either is not
-/// such a tensor.
+/// of `N` outputs, chunks in parallel, vectorised ([`run_wide`]); `None` when either is
+/// not such a tensor.
 fn map_chunks_f32<const N: usize, F: ChunkLoop<N>>(x: &Tensor, y: &Tensor, f: F) -> Result<Option<[Tensor; N]>> {
     const CHUNK: usize = 1 << 14;
     if x.shape() != y.shape() {
         return Ok(None);
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn wide<const N: usize, F: ChunkLoop<N>>(f: F, x: &[f32], y: &[f32], outs: [&mut [f32]; N]) {
-        f.run(x, y, outs)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    fn wider<const N: usize, F: ChunkLoop<N>>(f: F, x: &[f32], y: &[f32], outs: [&mut [f32]; N]) {
-        f.run(x, y, outs)
-    }
-    let run = |x: &[f32], y: &[f32], outs: [&mut [f32]; N]| {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            if std::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU reports AVX-512F, AVX2 and FMA.
-                return unsafe { wider(f, x, y, outs) };
-            }
-            // SAFETY: the CPU reports AVX2 and FMA.
-            return unsafe { wide(f, x, y, outs) };
-        }
-        f.run(x, y, outs)
-    };
     let (x, y) = (x.contiguous()?, y.contiguous()?);
     let outs = untracked_f32(&x, |xs| {
         untracked_f32(&y, |ys| {
-            let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| vec![0f32; xs.len()]);
+            let n = xs.len();
+            let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+            for o in &mut outs {
+                o.try_reserve_exact(n).map_err(|e| candle_core::Error::Msg(format!("{n} numbers: {e}")))?;
+            }
             // The i-th chunk of every output, together.
-            let mut parts: Vec<std::slice::ChunksMut<'_, f32>> = outs.iter_mut().map(|o| o.chunks_mut(CHUNK)).collect();
-            let chunks: Vec<[&mut [f32]; N]> = (0..xs.len().div_ceil(CHUNK))
-                .map(|_| std::array::from_fn(|j| parts[j].next().unwrap_or_default()))
-                .collect();
+            let mut parts: Vec<_> = outs.iter_mut().map(|o| o.spare_capacity_mut()[..n].chunks_mut(CHUNK)).collect();
+            let chunks: Vec<[&mut [MaybeUninit<f32>]; N]> =
+                (0..n.div_ceil(CHUNK)).map(|_| std::array::from_fn(|j| parts[j].next().unwrap_or_default())).collect();
             chunks
                 .into_par_iter()
                 .zip(xs.par_chunks(CHUNK).zip(ys.par_chunks(CHUNK)))
-                .for_each(|(o, (a, b))| run(a, b, o));
-            outs
+                .for_each(|(outs, (x, y))| run_wide(Chunk { f, x, y, outs }));
+            for o in &mut outs {
+                // SAFETY: the chunks cover the first n elements of every output, and
+                // `ChunkLoop::run` wrote each of them.
+                unsafe { o.set_len(n) };
+            }
+            Ok::<_, candle_core::Error>(outs)
         })
     })?;
-    match outs.transpose()?.flatten() {
+    match outs.transpose()?.flatten().transpose()? {
         Some(outs) => {
             let mut tensors = Vec::with_capacity(N);
             for v in outs {
@@ -489,12 +532,27 @@ fn map_chunks_f32<const N: usize, F: ChunkLoop<N>>(x: &Tensor, y: &Tensor, f: F)
 }
 
 /// `eˣ − 1` in f32 for `x ≤ 0` (and NaN), within a few units in the last place, in
-/// plain arithmetic that the compiler vectorises: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`,
-/// `eʳ − 1` by its Taylor series to `r⁸` (remainder below 2⁻²⁷ relative), then
+/// plain arithmetic that the compiler vectorises (see [`exp_parts`]):
 /// `2ⁿ(eʳ − 1) + (2ⁿ − 1)`, which keeps full relative precision near zero (`n = 0`).
 /// Below −87, `eˣ − 1` is −1 in f32.
 #[inline(always)]
 fn expm1_f32(x: f32) -> f32 {
+    let (s, p) = exp_parts(x);
+    s * p + (s - 1.0)
+}
+
+/// `eˣ` in f32 for `x ≤ 0` (and NaN), within a few units in the last place, vectorised
+/// as [`expm1_f32`]: `2ⁿ(eʳ − 1) + 2ⁿ`. Below −87 it gives e⁻⁸⁷ (1.6e-38), not less.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    let (s, p) = exp_parts(x);
+    s * p + s
+}
+
+/// `(2ⁿ, eʳ − 1)` with `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, for `x ≤ 0` clamped at −87:
+/// `eʳ − 1` by its Taylor series to `r⁸` (remainder below 2⁻²⁷ relative).
+#[inline(always)]
+fn exp_parts(x: f32) -> (f32, f32) {
     const LN2_HI: f32 = 0.693_145_75; // ln 2 split for an exact n·LN2_HI
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = if x < -87.0 { -87.0 } else { x };
@@ -511,7 +569,7 @@ fn expm1_f32(x: f32) -> f32 {
     // 2ⁿ, n ≥ −126. Clamped in floats: a vectorised caller may evaluate this for
     // positive x too (and discard it); NaN casts to 0, and the result stays NaN.
     let s = f32::from_bits(((n + 127.0).clamp(1.0, 254.0) as u32) << 23);
-    s * p + (s - 1.0)
+    (s, p)
 }
 
 /// `slot += g`, `slot` starting empty: a sum of tensors that arrive one by one
