@@ -245,16 +245,25 @@ fn lm_part_gradients(
         inputs.push(h);
     }
     tick();
-    // Head and objective.
-    let top = Var::from_tensor(&inputs[plain.num_layers()])?;
-    let value = objective.lm_head_value(model, &lm.head(top.as_tensor())?, prepared, part)?;
-    let mut grads = value.backward()?;
-    let mut upstream =
-        grads.remove(top.as_tensor()).ok_or_else(|| anyhow!("no gradient reached the LM output"))?.detach();
-    take_param_grads(&mut grads, params, take)?;
-    drop(grads);
-    // Layers, top to bottom, each differentiated by hand (`Lm::layer_backward`).
+    // Head and objective: the objective through autograd on the logits alone, the head
+    // by hand.
     let index: HashMap<&str, usize> = params.iter().enumerate().map(|(i, (name, _))| (name.as_str(), i)).collect();
+    let (logits, head_saved) = plain.head_forward_saved(&inputs[layers])?;
+    let logits = Var::from_tensor(&logits)?;
+    let value = objective.lm_head_value(model, logits.as_tensor(), prepared, part)?;
+    let d_logits = value
+        .backward()?
+        .remove(logits.as_tensor())
+        .ok_or_else(|| anyhow!("no gradient reached the LM's logits"))?
+        .detach();
+    drop((value, logits));
+    let (mut upstream, head_grads) = plain.head_backward(head_saved, &d_logits)?;
+    drop(d_logits);
+    for (name, g) in head_grads {
+        let &p = index.get(name.as_str()).ok_or_else(|| missing(&name))?;
+        take(p, g)?;
+    }
+    // Layers, top to bottom, each differentiated by hand (`Lm::layer_backward`).
     let mut d_states: Option<Tensor> = None;
     for i in (0..plain.num_layers()).rev() {
         let grads = match saved[i].take() {

@@ -587,10 +587,46 @@ impl Lm {
 
     /// Output norm and the per-codebook heads: `[B, S, D]` -> logits `[B, K, S, card]`.
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
-        let h = self.out_norm.forward(h)?;
-        let logits = self.heads.iter().map(|w| linear(&h, w, None)).collect::<candle_core::Result<Vec<_>>>()?;
+        self.logits(&self.out_norm.forward(h)?)
+    }
+
+    fn logits(&self, normed: &Tensor) -> Result<Tensor> {
+        let logits = self.heads.iter().map(|w| linear(normed, w, None)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::stack(&logits, 1)?)
     }
+
+    /// `head`'s logits (the same numbers) and what `head_backward` needs.
+    pub fn head_forward_saved(&self, h: &Tensor) -> Result<(Tensor, HeadSaved)> {
+        let (normed, norm) = self.out_norm.forward_saved(h)?;
+        Ok((self.logits(&normed)?, HeadSaved { normed, norm }))
+    }
+
+    /// The gradients of `⟨head(h), d_logits⟩` by hand: `h`'s, and each head parameter's
+    /// (`out_norm.weight`, `out_norm.bias`, `linears.{k}.weight`). Through Candle's
+    /// autograd the head took 0.39 s of a 10 s guided gradient of musicgen-small, about
+    /// twice its products' time.
+    pub fn head_backward(&self, saved: HeadSaved, d_logits: &Tensor) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+        let HeadSaved { normed, norm } = saved;
+        let mut d_normed = None;
+        let mut params = Vec::with_capacity(self.heads.len() + 2);
+        for (k, w) in self.heads.iter().enumerate() {
+            let (dx, dw) = linear_backward(&normed, w, &d_logits.narrow(1, k, 1)?.squeeze(1)?.contiguous()?)?;
+            super::ops::accumulate(&mut d_normed, dx)?;
+            params.push((format!("linears.{k}.weight"), dw));
+        }
+        let d_normed = d_normed.ok_or_else(|| anyhow::anyhow!("the LM has no heads"))?;
+        let (dh, d_weight, d_bias) = self.out_norm.backward(&norm, &d_normed)?;
+        params.push(("out_norm.weight".into(), d_weight));
+        params.push(("out_norm.bias".into(), d_bias));
+        Ok((dh, params))
+    }
+}
+
+/// What the head's backward needs from its forward: the normalised input and the norm's
+/// own intermediates.
+pub struct HeadSaved {
+    normed: Tensor,
+    norm: NormSaved,
 }
 
 #[cfg(test)]
@@ -660,6 +696,33 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The head's backward by hand against Candle's autograd of `head` (f64, guidance's
+    /// two rows): the input and every head parameter.
+    #[test]
+    fn head_backward_matches_autograd() {
+        let vocab = crate::musicgen::t5::TextTokenizer::from_json(&tiny::tokenizer_json()).unwrap().vocab_size();
+        let model = tiny::random_model(tiny::config(vocab), 79, DType::F64, &Device::Cpu).unwrap();
+        let tracked = Lm::new(&model.cfg.lm, model.lm_params.vb(false)).unwrap();
+        let (b, s, dim) = (2, 5, model.cfg.lm.dim);
+        let x = randn(&[b, s, dim], 1);
+        let d_logits = randn(&[b, model.cfg.lm.n_q, s, model.cfg.lm.card], 2);
+        let (logits, saved) = model.lm.head_forward_saved(&x).unwrap();
+        assert_eq!(max_abs(&(&logits - model.lm.head(&x).unwrap()).unwrap()), 0.0);
+        let (dx, params) = model.lm.head_backward(saved, &d_logits).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let grads = (tracked.head(xv.as_tensor()).unwrap() * &d_logits).unwrap().sum_all().unwrap().backward().unwrap();
+        let close = |what: &str, a: &Tensor, e: &Tensor| {
+            let (scale, err) = (max_abs(e), max_abs(&(a - e).unwrap()));
+            assert!(scale > 1e-6, "{what}: the reference vanishes");
+            assert!(err <= 1e-12 * (1.0 + scale), "{what}: error {err:e} (scale {scale:e})");
+        };
+        close("input", &dx, grads.get(xv.as_tensor()).unwrap());
+        assert_eq!(params.len(), model.cfg.lm.n_q + 2);
+        for (name, g) in &params {
+            close(name, g, grads.get(model.lm_params.var(name).unwrap().as_tensor()).unwrap());
         }
     }
 
