@@ -158,6 +158,8 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, block: 
     if let Some(out) = per_head::forward(q, k, v, scale, causal, block)? {
         return Ok(out);
     }
+    // Candle's batched matmul needs the heads laid out one after the other.
+    let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let (sq, skv) = (q.dim(2)?, k.dim(2)?);
     let outs = blocks(sq, skv, causal, block)
         .map(|(start, len, visible)| {
@@ -198,6 +200,7 @@ fn backward_in_blocks(
     if let Some(grads) = per_head::backward(q, k, v, scale, causal, d_out, block)? {
         return Ok(grads);
     }
+    let (q, k, v, d_out) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, &d_out.contiguous()?);
     let (sq, skv) = (q.dim(2)?, k.dim(2)?);
     let mut dq = Vec::new();
     let mut dk = k.zeros_like()?;
