@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use super::config::{CodecConfig, PadMode};
 use super::conv::{pad_source, Columns};
 use super::lstm::{lstm_layer, lstm_layer_backward, lstm_layer_traced, Trace};
-use super::ops::{accumulate, elu, elu_backward, embedding, is_untracked_f32};
+use super::ops::{accumulate, elu, elu_backward, elu_with_slope, embedding, is_untracked_f32};
 use super::params::Vb;
 
 /// A convolution weight, plain or weight-normalised (`W = g · v / ‖v‖`, the norm taken
@@ -436,13 +436,19 @@ impl ResBlock {
         Ok(((skip + h)?, h1))
     }
 
+    /// The ELUs are evaluated again, each with its slope in the same pass (kept from the
+    /// forward pass they would double the tape at the full sample rate).
     fn backward(&self, x: &Tensor, h1: &Tensor, dy: &Tensor, need_input: bool) -> Result<ConvGradients> {
-        let g2 = self.conv2.backward(&elu(h1)?, dy, true)?;
-        let d_h1 = elu_backward(h1, &missing_input(g2.input)?)?;
-        let g1 = self.conv1.backward(&elu(x)?, &d_h1, need_input)?;
+        let (elu_h1, slope_h1) = elu_with_slope(h1)?;
+        let g2 = self.conv2.backward(&elu_h1, dy, true)?;
+        drop(elu_h1);
+        let d_h1 = (missing_input(g2.input)? * slope_h1)?;
+        let (elu_x, slope_x) = elu_with_slope(x)?;
+        let g1 = self.conv1.backward(&elu_x, &d_h1, need_input)?;
+        drop(elu_x);
         let mut params = prefixed("block.1.conv", g1.params);
         params.extend(prefixed("block.3.conv", g2.params));
-        let mut input = g1.input.map(|d| elu_backward(x, &d)).transpose()?;
+        let mut input = g1.input.map(|d| d * slope_x).transpose()?;
         match &self.shortcut {
             Some(c) => {
                 let gs = c.backward(x, dy, need_input)?;

@@ -413,6 +413,31 @@ unsafe impl ChunkLoop<1> for Elu {
     }
 }
 
+/// [`elu`] at `x` and its slope, `exp(min(x, 0))` (the gradient through it is
+/// `dy·slope`, the numbers of [`elu_backward`]), from one evaluation of `eˣ − 1`: a
+/// backward pass that needs both runs the exponential once.
+pub fn elu_with_slope(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    match map_chunks_f32(x, x, EluAndSlope)? {
+        Some([y, slope]) => Ok((y, slope)),
+        None => Ok((x.elu(1.0)?, x.minimum(0.0)?.exp()?)),
+    }
+}
+
+#[derive(Clone, Copy)]
+struct EluAndSlope;
+
+// SAFETY: `run` writes every element of both outputs (zipped with the input).
+unsafe impl ChunkLoop<2> for EluAndSlope {
+    #[inline(always)]
+    fn run(self, x: &[f32], _: &[f32], [y, slope]: [&mut [MaybeUninit<f32>]; 2]) {
+        for ((y, s), &v) in y.iter_mut().zip(slope.iter_mut()).zip(x) {
+            let e = expm1_f32(v);
+            y.write(if v > 0.0 { v } else { e });
+            s.write(if v > 0.0 { 1.0 } else { e + 1.0 });
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct EluBackward;
 
@@ -686,8 +711,14 @@ mod tests {
             let dt = Tensor::from_vec(dy.clone(), n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
             let y: Vec<f64> = elu(&xt).unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
             let g: Vec<f64> = elu_backward(&xt, &dt).unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+            // The pair from one pass: the same numbers as `elu` and `elu_backward`.
+            let (y2, slope) = elu_with_slope(&xt).unwrap();
+            let g2: Vec<f64> = (&dt * slope).unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+            assert_eq!(y2.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(), y, "{dtype:?}: elu_with_slope's y");
+            let exact = dtype == DType::F32; // Candle's f64 path orders the products its own way
             for i in 0..n {
                 let (x, d) = (x[i] as f64, dy[i] as f64);
+                assert!(if exact { g2[i] == g[i] } else { (g2[i] - g[i]).abs() <= 1e-15 * (1.0 + g[i].abs()) });
                 let (want_y, want_g) = if x > 0.0 { (x, d) } else { (x.exp() - 1.0, d * x.exp()) };
                 assert!((y[i] - want_y).abs() <= 1e-6 * (1.0 + want_y.abs()), "{dtype:?} elu({x}) = {}", y[i]);
                 assert!((g[i] - want_g).abs() <= 1e-6 * (1.0 + want_g.abs()), "{dtype:?} elu'({x})·{d} = {}", g[i]);
