@@ -6,8 +6,9 @@
 //! alive (290 MB each for musicgen-small with guidance) and walks them a dozen times.
 //! Here at most one block of `BLOCK` query rows is materialised, causal blocks stop at
 //! their last visible key (about half the work), and the backward recomputes each
-//! block's probabilities instead of storing them — the FlashAttention recipe, with
-//! Candle's matmuls inside.
+//! block's probabilities instead of storing them — the FlashAttention recipe. On f32
+//! (the gradient step, decoding) each (batch, head) pair is one task with gemm's
+//! products inside (`per_head`); other dtypes take Candle's batched matmul.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
@@ -75,7 +76,7 @@ fn seen_keys(r: usize, len: usize, visible: usize, causal: bool) -> usize {
 
 /// In place, each row of a block of `len` rows of `visible` scores becomes
 /// `softmax(scale·row)`, causally masked (row `r` sees [`seen_keys`]; the rest get
-/// probability 0), vectorised ([`run_wide`]).
+/// probability 0), vectorised (`ops::run_wide`).
 struct SoftmaxRows<'a> {
     scores: &'a mut [f32],
     len: usize,
