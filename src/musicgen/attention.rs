@@ -508,6 +508,11 @@ mod tests {
             };
             let viewed = forward(&q_view, &k_view, &v_view, 0.5, causal, 3).unwrap();
             assert_eq!(bits(&viewed), bits(&ours), "views ({sq}, {skv}, {causal})");
+            // These are the per-head kernel's numbers, not the generic path's.
+            let direct = per_head::forward(&q_view, &k_view, &v_view, 0.5, causal, 3).unwrap();
+            assert_eq!(bits(&direct.expect("the per-head path takes strided f32 views")), bits(&ours));
+            let d32 = f32_of(&d_out);
+            assert!(per_head::backward(&q_view, &k_view, &v_view, 0.5, causal, &d32, 3).unwrap().is_some());
             let rel = |a: &Tensor, e: &Tensor| {
                 let scale: f64 = e.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
                 max_abs_diff(&a.to_dtype(DType::F64).unwrap(), e) / (1.0 + scale)

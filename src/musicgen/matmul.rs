@@ -13,16 +13,10 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 /// be equal). f32 tensors on the CPU outside autograd take gemm directly; anything else
 /// (other dtypes, devices, a graph to record, mismatched shapes) is Candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match matmul_f32(a, b)? {
+    match direct(a, b)? {
         Some((y, shape)) => Tensor::from_vec(y, shape, &Device::Cpu),
         None => a.matmul(b),
     }
-}
-
-/// [`matmul`]'s direct path, the product's numbers and shape, for a caller that changes
-/// them in place before they become a tensor; `None` where [`matmul`] takes Candle's.
-pub fn matmul_f32(a: &Tensor, b: &Tensor) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
-    direct(a, b)
 }
 
 /// The 2-D strides `(row, column)` of a tensor's last two dimensions and the offset of
