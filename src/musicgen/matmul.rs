@@ -1,17 +1,32 @@
-//! Matrix products of the gradient step, through `gemm` without a zero-filled output.
+//! Matrix products of the gradient step, without a zero-filled output.
 //!
 //! Candle's CPU matmul allocates its output with `vec![0; m·n]` and then asks gemm to
 //! overwrite it (`read_dst = false`), so every product begins with a memset on the
 //! calling thread while the gemm threads wait. For a weight's gradient at
 //! musicgen-small's shape that is 16–64 MB per product, 2% of a 10 s audio-nll step's
-//! CPU time, all of it serial. [`matmul`] makes the same gemm call into memory it never
-//! zeroes: the same numbers, bit for bit (the test below holds it to Candle's).
+//! CPU time, all of it serial. [`matmul`] writes into memory it never zeroes.
+//!
+//! Single products (the LM's `x·Wᵀ`, `dy·W` and `dyᵀ·x`) go through faer's matmul. gemm,
+//! asked for a row-major `x·Wᵀ`, transposes the problem and then packs W into column
+//! panels: a gather of 64 rows of W at a time, each a page or more apart, so that the
+//! loads share one set of the L1 cache; with a few hundred rows of `x` that packing
+//! costs as much as the arithmetic. Measured here (2 threads, GF/s, gemm → faer):
+//! musicgen-small's `x·Wᵀ` at 100 / 200 / 500 / 1000 rows, 3072×1024 weight
+//! 63→117, 102→145, 151→181, 171→193; 1024×4096 54→126, 87→153, 131→177, 160→185;
+//! `dy·W` and `dyᵀ·x` as fast or up to 10% faster. The codec's convolutions use it for
+//! their weight gradients `dY·Xcolᵀ`, whose inner dimension is thousands of steps
+//! (32×96 by 64,000: 17→51 GF/s; 128×384 by 8,000: 96→149); their other products stay
+//! Candle's, where gemm is as fast. Batched products (attention heads)
+//! and thin ones (fewer than [`FAER_MIN`] rows or columns, where faer splits the sum
+//! over threads and its bits would follow the thread count) stay with gemm, which gives
+//! Candle's numbers bit for bit.
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
 
 /// `a · b` with Candle's `matmul` semantics (batched over leading dimensions, which must
-/// be equal). f32 tensors on the CPU outside autograd take gemm directly; anything else
-/// (other dtypes, devices, a graph to record, mismatched shapes) is Candle's matmul.
+/// be equal). f32 tensors on the CPU outside autograd take faer or gemm directly (see
+/// the module's notes); anything else (other dtypes, devices, a graph to record,
+/// mismatched shapes) is Candle's matmul.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match direct(a, b)? {
         Some((y, shape)) => Tensor::from_vec(y, shape, &Device::Cpu),
@@ -31,6 +46,9 @@ fn batch_offsets(t: &Tensor) -> (isize, isize, Vec<usize>) {
     }
     (stride[r - 2] as isize, stride[r - 1] as isize, offsets)
 }
+
+/// Rows and columns of a product from which faer computes it (see the module's notes).
+const FAER_MIN: usize = 8;
 
 fn direct(a: &Tensor, b: &Tensor) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
     if a.track_op() || b.track_op() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
@@ -70,6 +88,24 @@ fn direct(a: &Tensor, b: &Tensor) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
     let mut dst: Vec<f32> = Vec::new();
     dst.try_reserve_exact(len).map_err(|e| candle_core::Error::Msg(format!("matmul output of {len} numbers: {e}")))?;
     let threads = rayon::current_num_threads();
+    if batches == 1 && m.min(n) >= FAER_MIN {
+        // SAFETY: the operands' elements are in bounds (checked above) and stay borrowed
+        // for the call; `dst` has capacity for m·n numbers, row-major. With
+        // `Accum::Replace` faer writes every element of the destination before it reads
+        // any (its kernels add into `dst` only from the second block of the inner
+        // dimension on), so the uninitialised memory is never read.
+        unsafe {
+            let lhs = faer::MatRef::from_raw_parts(av.as_ptr().add(a_off[0]), m, k, a_rs, a_cs);
+            let rhs = faer::MatRef::from_raw_parts(bv.as_ptr().add(b_off[0]), k, n, b_rs, b_cs);
+            let out = faer::MatMut::from_raw_parts_mut(dst.as_mut_ptr(), m, n, n as isize, 1);
+            faer::linalg::matmul::matmul(out, faer::Accum::Replace, lhs, rhs, 1.0f32, faer::Par::rayon(threads));
+            dst.set_len(len);
+        }
+        drop((sa, sb));
+        let mut shape = ad.to_vec();
+        shape[r - 1] = n;
+        return Ok(Some((dst, shape)));
+    }
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     for (i, (&ao, &bo)) in a_off.iter().zip(&b_off).enumerate() {
         // SAFETY: the operands' elements are in bounds (checked above); `dst` has
@@ -201,32 +237,79 @@ mod tests {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
     }
 
-    /// The same numbers as Candle's matmul, bit for bit, for contiguous, transposed,
-    /// narrowed and batched operands (the gradient step's layouts: `dyᵀ·x`, `dy·W`,
-    /// `x·Wᵀ`, per-head attention blocks), and sizes that are not multiples of gemm's
-    /// register tiles.
+    /// `a · b` in f64, as a flat vector.
+    fn reference(a: &Tensor, b: &Tensor) -> Vec<f64> {
+        let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap().contiguous().unwrap();
+        f64(a).matmul(&f64(b)).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    }
+
+    /// Batched and thin products (gemm) give Candle's numbers bit for bit; single products
+    /// (faer) the f64 product's within f32 rounding. Layouts are the gradient step's
+    /// (`x·Wᵀ`, `dyᵀ·x`, `dy·W`, narrowed operands, per-head attention blocks), at sizes
+    /// that are not multiples of either library's register tiles.
     #[test]
-    fn matches_candle_matmul_bit_for_bit() {
+    fn matches_candle_matmul() {
         let x = randn(&[37, 70], 1);
         let w = randn(&[53, 70], 2);
         let dy = randn(&[37, 53], 3);
-        let cases: Vec<(Tensor, Tensor)> = vec![
+        let single: Vec<(Tensor, Tensor)> = vec![
             (x.clone(), w.t().unwrap()),
             (dy.t().unwrap(), x.clone()),
             (dy.clone(), w.clone()),
             (x.narrow(1, 3, 50).unwrap(), w.narrow(1, 5, 50).unwrap().t().unwrap()),
+            (randn(&[1, 1, 9, 16], 10), randn(&[1, 1, 16, 12], 11)),
+        ];
+        for (i, (a, b)) in single.iter().enumerate() {
+            let ours = matmul(a, b).unwrap();
+            assert_eq!(ours.dims(), a.matmul(b).unwrap().dims(), "case {i}");
+            let got = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (j, (g, r)) in got.iter().zip(reference(a, b)).enumerate() {
+                assert!((*g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()), "case {i}, element {j}: {g} against {r}");
+            }
+        }
+        let gemm_cases: Vec<(Tensor, Tensor)> = vec![
             (randn(&[2, 3, 19, 16], 4), randn(&[2, 3, 16, 23], 5)),
             (randn(&[2, 3, 19, 16], 6), randn(&[2, 3, 23, 16], 7).t().unwrap()),
             (randn(&[3, 2, 19, 16], 8).transpose(0, 1).unwrap(), randn(&[2, 3, 16, 5], 9)),
+            (randn(&[5, 40], 12), randn(&[40, 33], 13)),
+            (randn(&[33, 40], 14), randn(&[40, 7], 15)),
         ];
-        for (i, (a, b)) in cases.iter().enumerate() {
+        for (i, (a, b)) in gemm_cases.iter().enumerate() {
             let ours = matmul(a, b).unwrap();
-            // Candle refuses batches that are not laid out one after the other (the last
+            // Candle refuses batches that are not laid out one after the other (the third
             // case); it gets them copied.
             let candle = a.matmul(b).or_else(|_| a.contiguous()?.matmul(b)).unwrap();
-            assert_eq!(ours.dims(), candle.dims(), "case {i}");
-            assert_eq!(bits(&ours), bits(&candle), "case {i}");
+            assert_eq!(ours.dims(), candle.dims(), "gemm case {i}");
+            assert_eq!(bits(&ours), bits(&candle), "gemm case {i}");
         }
+    }
+
+    /// An embedding must not depend on the thread count: the products of the gradient
+    /// step give the same bits on one thread as on three, at sizes where faer splits
+    /// the work (the LM's three layouts, and a codec weight gradient's long inner
+    /// dimension), and a product of one row, which gemm takes because faer would not.
+    #[test]
+    fn products_do_not_depend_on_the_thread_count() {
+        let x = randn(&[300, 256], 21);
+        let w = randn(&[520, 256], 22);
+        let dy = randn(&[300, 520], 23);
+        let run = |threads: usize| -> Vec<Vec<u32>> {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                [
+                    (x.clone(), w.t().unwrap()),
+                    (dy.t().unwrap(), x.clone()),
+                    (dy.clone(), w.clone()),
+                    (randn(&[16, 20000], 24), randn(&[24, 20000], 25).t().unwrap()),
+                    // One row: faer would split the sum over threads (why FAER_MIN).
+                    (randn(&[1, 3072], 26), randn(&[3072, 1024], 27)),
+                ]
+                .iter()
+                .map(|(a, b)| bits(&matmul(a, b).unwrap()))
+                .collect()
+            })
+        };
+        assert_eq!(run(1), run(3));
     }
 
     /// What the direct path does not take goes to Candle: other dtypes, tracked tensors
