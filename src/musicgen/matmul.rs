@@ -286,8 +286,9 @@ mod tests {
 
     /// An embedding must not depend on the thread count: the products of the gradient
     /// step give the same bits on one thread as on three, at sizes where faer splits
-    /// the work (the LM's three layouts, and a codec weight gradient's long inner
-    /// dimension), and a product of one row, which gemm takes because faer would not.
+    /// the work (the LM's three layouts, a codec weight gradient's long inner dimension
+    /// and a short one), and a product of one row, which gemm takes because faer would
+    /// not.
     #[test]
     fn products_do_not_depend_on_the_thread_count() {
         let x = randn(&[300, 256], 21);
@@ -301,6 +302,9 @@ mod tests {
                     (dy.t().unwrap(), x.clone()),
                     (dy.clone(), w.clone()),
                     (randn(&[16, 20000], 24), randn(&[24, 20000], 25).t().unwrap()),
+                    // A cross-attention key weight's gradient: the inner dimension is the
+                    // text's dozen tokens.
+                    (randn(&[12, 300], 28).t().unwrap(), randn(&[12, 280], 29)),
                     // One row: faer would split the sum over threads (why FAER_MIN).
                     (randn(&[1, 3072], 26), randn(&[3072, 1024], 27)),
                 ]
