@@ -50,6 +50,11 @@ fn batch_offsets(t: &Tensor) -> (isize, isize, Vec<usize>) {
 /// Rows and columns of a product from which faer computes it (see the module's notes).
 const FAER_MIN: usize = 8;
 
+/// Whether faer computes a product of `batches` batches of m×n (see the module's notes).
+fn takes_faer(batches: usize, m: usize, n: usize) -> bool {
+    batches == 1 && m.min(n) >= FAER_MIN
+}
+
 fn direct(a: &Tensor, b: &Tensor) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
     if a.track_op() || b.track_op() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
         return Ok(None);
@@ -88,7 +93,7 @@ fn direct(a: &Tensor, b: &Tensor) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
     let mut dst: Vec<f32> = Vec::new();
     dst.try_reserve_exact(len).map_err(|e| candle_core::Error::Msg(format!("matmul output of {len} numbers: {e}")))?;
     let threads = rayon::current_num_threads();
-    if batches == 1 && m.min(n) >= FAER_MIN {
+    if takes_faer(batches, m, n) {
         // SAFETY: the operands' elements are in bounds (checked above) and stay borrowed
         // for the call; `dst` has capacity for m·n numbers, row-major. With
         // `Accum::Replace` faer writes every element of the destination before it reads
@@ -99,44 +104,40 @@ fn direct(a: &Tensor, b: &Tensor) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
             let rhs = faer::MatRef::from_raw_parts(bv.as_ptr().add(b_off[0]), k, n, b_rs, b_cs);
             let out = faer::MatMut::from_raw_parts_mut(dst.as_mut_ptr(), m, n, n as isize, 1);
             faer::linalg::matmul::matmul(out, faer::Accum::Replace, lhs, rhs, 1.0f32, faer::Par::rayon(threads));
-            dst.set_len(len);
         }
-        drop((sa, sb));
-        let mut shape = ad.to_vec();
-        shape[r - 1] = n;
-        return Ok(Some((dst, shape)));
-    }
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    for (i, (&ao, &bo)) in a_off.iter().zip(&b_off).enumerate() {
-        // SAFETY: the operands' elements are in bounds (checked above); `dst` has
-        // capacity for `batches·m·n` numbers and batch `i` writes m·n of them at i·m·n,
-        // each exactly once (`read_dst = false`: gemm never reads the uninitialised
-        // output). The storages are borrowed (read guards) for the whole call.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr().add(i * m * n),
-                1,
-                n as isize,
-                false,
-                av.as_ptr().add(ao),
-                a_cs,
-                a_rs,
-                bv.as_ptr().add(bo),
-                b_cs,
-                b_rs,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
+    } else {
+        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        for (i, (&ao, &bo)) in a_off.iter().zip(&b_off).enumerate() {
+            // SAFETY: the operands' elements are in bounds (checked above); `dst` has
+            // capacity for `batches·m·n` numbers and batch `i` writes m·n of them at i·m·n,
+            // each exactly once (`read_dst = false`: gemm never reads the uninitialised
+            // output). The storages are borrowed (read guards) for the whole call.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr().add(i * m * n),
+                    1,
+                    n as isize,
+                    false,
+                    av.as_ptr().add(ao),
+                    a_cs,
+                    a_rs,
+                    bv.as_ptr().add(bo),
+                    b_cs,
+                    b_rs,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
         }
     }
-    // SAFETY: every one of the `len` numbers was written by gemm above.
+    // SAFETY: every one of the `len` numbers was written by faer or gemm above.
     unsafe { dst.set_len(len) };
     drop((sa, sb));
     let mut shape = ad.to_vec();
@@ -314,6 +315,19 @@ mod tests {
             })
         };
         assert_eq!(run(1), run(3));
+    }
+
+    /// The gradient step's products take faer (a 2 s musicgen-small window: 100 rows
+    /// against 1024- to 4096-wide weights; a weight's gradient; a codec weight gradient),
+    /// and what it must not (batches, one-row products) stays with gemm.
+    #[test]
+    fn the_gradient_steps_products_take_faer() {
+        for (m, n) in [(100, 3072), (200, 1024), (1024, 4096), (32, 96), (12, 1024)] {
+            assert!(takes_faer(1, m, n), "{m}×{n}");
+        }
+        for (batches, m, n) in [(32, 128, 500), (1, 1, 4096), (1, 4096, 1), (1, 2, 1024)] {
+            assert!(!takes_faer(batches, m, n), "{batches} × {m}×{n}");
+        }
     }
 
     /// What the direct path does not take goes to Candle: other dtypes, tracked tensors
