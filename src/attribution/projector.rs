@@ -20,10 +20,11 @@ pub enum ProjectorKind {
     Normal,
     /// Dense ±1/√k. Cost O(D·k), cheaper per entry than `normal`.
     Rademacher,
-    /// Sparse, in two stages (projector version 2): a CountSketch of the D coordinates
-    /// into M ≥ 8k buckets (each coordinate added with a random sign to one bucket), then
-    /// the block sparse JL of the M buckets to k (each bucket in `s` rows, one per block
-    /// of k/s rows, sign ±1/√s). Cost O(D) plus O(M·s): the CPU default.
+    /// Sparse, in two stages (projector version 3): a CountSketch of the D coordinates
+    /// into M ≥ 8k buckets (each coordinate added with a random sign to one bucket; the 16
+    /// coordinates of an aligned group go to the 16 buckets of one line, lanes permuted by
+    /// the group's hash), then the block sparse JL of the M buckets to k (each bucket in `s`
+    /// rows, one per block of k/s rows, sign ±1/√s). Cost O(D) plus O(M·s): the CPU default.
     Sparse,
     /// No projection: the raw gradient (k = D), for small models and debugging.
     Identity,
@@ -50,12 +51,14 @@ fn first_version() -> u32 {
     1
 }
 
-/// The version of each kind's matrix this build computes. Sparse is 2: version 1 put
+/// The version of each kind's matrix this build computes. Sparse is 3. Version 1 put
 /// every coordinate straight into `s` rows (two hashes and `s` scattered additions per
-/// coordinate: about 2% of memory bandwidth).
+/// coordinate: about 2% of memory bandwidth); version 2 hashed each coordinate to its own
+/// bucket (one scattered addition per coordinate); version 3 hashes groups of 16
+/// coordinates to a line of 16 buckets (one cache line per 16 coordinates).
 pub fn current_version(kind: ProjectorKind) -> u32 {
     match kind {
-        ProjectorKind::Sparse => 2,
+        ProjectorKind::Sparse => 3,
         _ => 1,
     }
 }
@@ -120,27 +123,37 @@ impl ProjectorSpec {
 /// depend on the thread count or on how the gradient is cut.
 const SPAN: usize = 1 << 18;
 
+/// Coordinates per group of the first stage, and buckets per line: one cache line of f32.
+const LANES: usize = 16;
+
+/// One line of first-stage buckets, aligned so that a group's additions touch one cache
+/// line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; LANES]);
+
 /// The first stage of the sparse projection: `M` buckets, and the span in progress.
 struct Sketch {
-    bits: u32,
-    key: u32,
+    /// log2 of the number of lines, M / 16.
+    line_bits: u32,
+    key: u64,
     buckets: Vec<f64>,
     /// The partial sums of the span being filled, and the next index it expects.
-    open: Vec<f32>,
+    open: Vec<Line>,
     open_next: Option<usize>,
     /// Reused partial sums of whole spans summed in parallel.
-    partials: Vec<Vec<f32>>,
+    partials: Vec<Vec<Line>>,
 }
 
 impl Sketch {
     fn new(spec: &ProjectorSpec) -> Self {
         let m = (8 * spec.k).next_power_of_two().max(1 << 16);
-        let key = (mix64(spec.seed ^ 0x434F_554E_5453) >> 32) as u32; // "COUNTS"
+        let key = mix64(spec.seed ^ 0x434F_554E_5453); // "COUNTS"
         Self {
-            bits: m.trailing_zeros(),
+            line_bits: (m / LANES).trailing_zeros(),
             key,
             buckets: vec![0.0; m],
-            open: vec![0.0; m],
+            open: vec![Line([0.0; LANES]); m / LANES],
             open_next: None,
             partials: Vec::new(),
         }
@@ -148,7 +161,7 @@ impl Sketch {
 
     /// Adds coordinates `first..first+values.len()`.
     fn add(&mut self, first: usize, values: &[f32]) {
-        let (bits, key) = (self.bits, self.key);
+        let (line_bits, key) = (self.line_bits, self.key);
         let mut first = first;
         let mut values = values;
         // A span already open continues only with its next index; otherwise it is closed.
@@ -158,7 +171,7 @@ impl Sketch {
         // Head: the rest of a span begun here or in an earlier call.
         if !first.is_multiple_of(SPAN) || values.len() < SPAN {
             let len = (SPAN - first % SPAN).min(values.len());
-            sketch_span(bits, key, first, &values[..len], &mut self.open);
+            sketch_span(line_bits, key, first, &values[..len], &mut self.open);
             self.open_next = Some(first + len);
             if (first + len).is_multiple_of(SPAN) {
                 self.close();
@@ -168,40 +181,38 @@ impl Sketch {
         }
         // Whole spans, a few per thread at a time, added in index order.
         let whole = values.len() / SPAN * SPAN;
-        let m = self.buckets.len();
+        let lines = self.open.len();
         let batch = 2 * rayon::current_num_threads().max(1);
         for (g, group) in values[..whole].chunks(batch * SPAN).enumerate() {
             let spans = group.len() / SPAN;
             while self.partials.len() < spans {
-                self.partials.push(vec![0f32; m]);
+                self.partials.push(vec![Line([0.0; LANES]); lines]);
             }
             let start = first + g * batch * SPAN;
             self.partials[..spans].par_iter_mut().zip(group.par_chunks(SPAN)).enumerate().for_each(
                 |(i, (acc, span))| {
                     // (Zeroed by the merge below, or fresh.)
-                    sketch_span(bits, key, start + i * SPAN, span, acc);
+                    sketch_span(line_bits, key, start + i * SPAN, span, acc);
                 },
             );
             // Each bucket adds the spans in index order, and leaves them zeroed for reuse.
-            let mut slices: Vec<std::slice::ChunksMut<f32>> =
-                self.partials[..spans].iter_mut().map(|p| p.chunks_mut(4096)).collect();
-            let jobs: Vec<(&mut [f64], Vec<&mut [f32]>)> = self
+            const CHUNK: usize = 4096;
+            let mut slices: Vec<std::slice::ChunksMut<Line>> =
+                self.partials[..spans].iter_mut().map(|p| p.chunks_mut(CHUNK / LANES)).collect();
+            let jobs: Vec<(&mut [f64], Vec<&mut [Line]>)> = self
                 .buckets
-                .chunks_mut(4096)
+                .chunks_mut(CHUNK)
                 .map(|out| (out, slices.iter_mut().filter_map(Iterator::next).collect()))
                 .collect();
             jobs.into_par_iter().for_each(|(out, parts)| {
                 for p in parts {
-                    for (o, x) in out.iter_mut().zip(p.iter_mut()) {
-                        *o += *x as f64;
-                        *x = 0.0;
-                    }
+                    merge_lines(out, p);
                 }
             });
         }
         // Tail: a span to be continued.
         if whole < values.len() {
-            sketch_span(bits, key, first + whole, &values[whole..], &mut self.open);
+            sketch_span(line_bits, key, first + whole, &values[whole..], &mut self.open);
             self.open_next = Some(first + values.len());
         }
     }
@@ -209,66 +220,137 @@ impl Sketch {
     /// Adds the open span's sums to the buckets.
     fn close(&mut self) {
         if self.open_next.take().is_some() {
-            for (b, o) in self.buckets.iter_mut().zip(self.open.iter_mut()) {
-                *b += *o as f64;
-                *o = 0.0;
-            }
+            merge_lines(&mut self.buckets, &mut self.open);
         }
     }
 }
 
-/// The first-stage key of the coordinates `i` with `i / 2³²` = `hi`: coordinate `i`'s
-/// hash is `fmix32((i mod 2³²) ^ span_key(key, hi))` (murmur3's 32-bit finaliser), its
-/// bucket the top `bits` bits, its sign the next bit.
-#[inline(always)]
-fn span_key(key: u32, hi: u32) -> u32 {
-    key ^ fmix32(hi.wrapping_mul(0x9E37_79B9) ^ key.rotate_left(16))
-}
-
-#[inline(always)]
-fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85EB_CA6B);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xC2B2_AE35);
-    h ^ (h >> 16)
-}
-
-/// Adds coordinates `first..` of one span (which never crosses a multiple of 2³²) into
-/// `acc`, in index order.
-fn sketch_span(bits: u32, key: u32, first: usize, values: &[f32], acc: &mut [f32]) {
-    let k1 = span_key(key, (first >> 32) as u32);
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU reports AVX2.
-        return unsafe { sketch_span_avx2(bits, k1, first as u32, values, acc) };
+/// `out[b] += lines[b / 16][b % 16]` in f64, leaving the lines zeroed.
+fn merge_lines(out: &mut [f64], lines: &mut [Line]) {
+    for (o16, line) in out.chunks_mut(LANES).zip(lines.iter_mut()) {
+        for (o, x) in o16.iter_mut().zip(line.0.iter_mut()) {
+            *o += *x as f64;
+            *x = 0.0;
+        }
     }
-    sketch_span_portable(bits, k1, first as u32, values, acc)
 }
 
+/// The first-stage hash of the group of coordinates `16·g .. 16·g + 16`: its line (the
+/// top `line_bits` bits), the rotation of its lanes (bits 16..20) and one sign per lane
+/// (bits 0..16; a set bit flips the sign).
+#[inline(always)]
+fn group_hash(key: u64, g: u64) -> u64 {
+    mix64(key ^ g)
+}
+
+/// Adds `values` as lanes `lane..` of the group hashed `h`: lane `l` goes with sign bit
+/// `l` of `h` into bucket `l ^ rotation` of the group's line. The rotation makes two
+/// coordinates of different groups share a bucket with probability exactly 1/M, whatever
+/// their lanes (a gradient concentrated on every 16th coordinate still uses all M buckets).
+#[inline(always)]
+fn add_lanes(line_bits: u32, h: u64, lane: usize, values: &[f32], acc: &mut [Line]) {
+    let line = &mut acc[(h >> (64 - line_bits)) as usize].0;
+    let rotation = ((h >> 16) & 15) as usize;
+    for (l, &v) in (lane..LANES).zip(values) {
+        line[l ^ rotation] += f32::from_bits(v.to_bits() ^ ((((h >> l) & 1) as u32) << 31));
+    }
+}
+
+/// Adds coordinates `first..` of one span into `acc`, each bucket in index order (integer
+/// hashing, sign flips and one f32 addition per coordinate are exact to reorder across
+/// groups, so every instruction set gives the same bits).
+fn sketch_span(line_bits: u32, key: u64, first: usize, values: &[f32], acc: &mut [Line]) {
+    // A group begun before `first`, then whole groups, then a group left open.
+    let head = ((LANES - first % LANES) % LANES).min(values.len());
+    let (head_values, rest) = values.split_at(head);
+    if head > 0 {
+        add_lanes(line_bits, group_hash(key, (first / LANES) as u64), first % LANES, head_values, acc);
+    }
+    let whole = rest.len() / LANES * LANES;
+    let (body, tail) = rest.split_at(whole);
+    let g0 = (first + head) / LANES;
+    sketch_groups(line_bits, key, g0 as u64, body, acc);
+    if !tail.is_empty() {
+        add_lanes(line_bits, group_hash(key, (g0 + whole / LANES) as u64), 0, tail, acc);
+    }
+}
+
+/// Whole groups `g0..` (`values.len()` a multiple of 16), with the widest vectors the CPU has.
+fn sketch_groups(line_bits: u32, key: u64, g0: u64, values: &[f32], acc: &mut [Line]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU reports AVX-512F.
+            return unsafe { groups_avx512(line_bits, key, g0, values, acc) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU reports AVX2.
+            return unsafe { groups_avx2(line_bits, key, g0, values, acc) };
+        }
+    }
+    groups_portable(line_bits, key, g0, values, acc)
+}
+
+fn groups_portable(line_bits: u32, key: u64, g0: u64, values: &[f32], acc: &mut [Line]) {
+    for (g, group) in (g0..).zip(values.chunks_exact(LANES)) {
+        add_lanes(line_bits, group_hash(key, g), 0, group, acc);
+    }
+}
+
+/// A group is one 512-bit vector: sign flips under a mask, the rotation as one permute,
+/// one load-add-store of its line.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn groups_avx512(line_bits: u32, key: u64, g0: u64, values: &[f32], acc: &mut [Line]) {
+    use std::arch::x86_64::*;
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let sign = _mm512_set1_epi32(i32::MIN);
+    for (g, group) in (g0..).zip(values.chunks_exact(LANES)) {
+        let h = group_hash(key, g);
+        let line = &mut acc[(h >> (64 - line_bits)) as usize];
+        // SAFETY: `group` holds 16 f32 and `line` is a 64-byte aligned line of 16 f32.
+        unsafe {
+            let x = _mm512_castps_si512(_mm512_loadu_ps(group.as_ptr()));
+            let x = _mm512_castsi512_ps(_mm512_mask_xor_epi32(x, h as u16, x, sign));
+            // Lane l to l ^ rotation: output lane j takes input lane j ^ rotation.
+            let x = _mm512_permutexvar_ps(_mm512_xor_si512(iota, _mm512_set1_epi32(((h >> 16) & 15) as i32)), x);
+            let p = line.0.as_mut_ptr();
+            _mm512_store_ps(p, _mm512_add_ps(_mm512_load_ps(p), x));
+        }
+    }
+}
+
+/// A group is two 256-bit halves: signs from a bit test, the rotation as a permute within
+/// halves and a blend that swaps them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn sketch_span_avx2(bits: u32, k1: u32, first: u32, values: &[f32], acc: &mut [f32]) {
-    sketch_span_portable(bits, k1, first, values, acc)
-}
-
-/// Hashes a batch of coordinates (a loop the compiler vectorises), then adds them (the
-/// scattered additions, one per coordinate). Integer hashing and sign flips are exact,
-/// so every instruction set gives the same bits.
-#[inline(always)]
-fn sketch_span_portable(bits: u32, k1: u32, first: u32, values: &[f32], acc: &mut [f32]) {
-    const BATCH: usize = 256;
-    let mut rows = [0u32; BATCH];
-    let mut signed = [0f32; BATCH];
-    for (c, chunk) in values.chunks(BATCH).enumerate() {
-        let base = first.wrapping_add((c * BATCH) as u32);
-        for (t, ((row, s), &v)) in rows.iter_mut().zip(signed.iter_mut()).zip(chunk).enumerate() {
-            let h = fmix32(base.wrapping_add(t as u32) ^ k1);
-            *row = h >> (32 - bits);
-            *s = f32::from_bits(v.to_bits() ^ (((h >> (31 - bits)) & 1) << 31));
-        }
-        for (&row, &s) in rows.iter().zip(&signed).take(chunk.len()) {
-            acc[row as usize] += s;
+fn groups_avx2(line_bits: u32, key: u64, g0: u64, values: &[f32], acc: &mut [Line]) {
+    use std::arch::x86_64::*;
+    let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let bits_lo = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    let bits_hi = _mm256_slli_epi32::<8>(bits_lo);
+    let sign = _mm256_set1_epi32(i32::MIN);
+    for (g, group) in (g0..).zip(values.chunks_exact(LANES)) {
+        let h = group_hash(key, g);
+        let line = &mut acc[(h >> (64 - line_bits)) as usize];
+        let rotation = ((h >> 16) & 15) as i32;
+        let signs = _mm256_set1_epi32((h & 0xFFFF) as i32);
+        let flip_lo = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(signs, bits_lo), bits_lo), sign);
+        let flip_hi = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(signs, bits_hi), bits_hi), sign);
+        let within = _mm256_xor_si256(iota, _mm256_set1_epi32(rotation & 7));
+        // All ones when rotation ≥ 8: the halves trade places.
+        let swap = _mm256_castsi256_ps(_mm256_set1_epi32(-(rotation >> 3)));
+        // SAFETY: `group` holds 16 f32 and `line` is a 64-byte aligned line of 16 f32.
+        unsafe {
+            let p = group.as_ptr();
+            let lo = _mm256_xor_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(flip_lo));
+            let hi = _mm256_xor_ps(_mm256_loadu_ps(p.add(8)), _mm256_castsi256_ps(flip_hi));
+            let lo = _mm256_permutevar8x32_ps(lo, within);
+            let hi = _mm256_permutevar8x32_ps(hi, within);
+            let (out_lo, out_hi) = (_mm256_blendv_ps(lo, hi, swap), _mm256_blendv_ps(hi, lo, swap));
+            let a = line.0.as_mut_ptr();
+            _mm256_store_ps(a, _mm256_add_ps(_mm256_load_ps(a), out_lo));
+            _mm256_store_ps(a.add(8), _mm256_add_ps(_mm256_load_ps(a.add(8)), out_hi));
         }
     }
 }
@@ -544,25 +626,28 @@ mod tests {
 
     #[test]
     fn sparse_matrix_is_the_documented_one() {
-        // Entry by entry, written out from the definition: coordinate i goes with sign ±1
-        // into bucket (top bits of fmix32((i mod 2³²) ^ key ^ fold(i / 2³²))) of M; bucket
-        // b goes into one row of each of the s blocks, chosen with its sign by 16 bits of
-        // mix64(key' ^ (b << 16 | group)), groups of four blocks per hash; scale 1/√s.
+        // Entry by entry, written out from the definition: coordinate i, in group g = i / 16
+        // at lane l = i mod 16, goes into bucket 16·line + (l ^ rotation) of M with sign −1
+        // if bit l of h is set, where h = mix64(key ^ g), line = its top log2(M/16) bits and
+        // rotation = bits 16..20; bucket b goes into one row of each of the s blocks, chosen
+        // with its sign by 16 bits of mix64(key' ^ (b << 16 | group)), groups of four
+        // blocks per hash; scale 1/√s.
         let d = 300;
         let v = vector(6, d);
         for sparsity in [8, 6, 3] {
             let k = 24 * sparsity;
             let block = k / sparsity;
             let spec = ProjectorSpec::new(ProjectorKind::Sparse, 11, Some(k), d, sparsity).unwrap();
-            assert_eq!(spec.version, 2);
+            assert_eq!(spec.version, 3);
             let m = 1usize << 16;
-            let key1 = (mix64(11 ^ 0x434F_554E_5453) >> 32) as u32;
+            let key1 = mix64(11 ^ 0x434F_554E_5453);
             let mut buckets = vec![0f64; m];
             for (i, &x) in v.iter().enumerate() {
-                let h = fmix32(i as u32 ^ key1 ^ fmix32(key1.rotate_left(16)));
-                let sign: f32 = if (h >> 15) & 1 == 1 { -1.0 } else { 1.0 };
+                let h = mix64(key1 ^ (i / 16) as u64);
+                let b = 16 * (h >> 52) as usize + ((i % 16) ^ ((h >> 16) & 15) as usize);
+                let sign: f32 = if (h >> (i % 16)) & 1 == 1 { -1.0 } else { 1.0 };
                 // (One span: its f32 sums are the buckets.)
-                buckets[(h >> 16) as usize] = (buckets[(h >> 16) as usize] as f32 + sign * x) as f64;
+                buckets[b] = (buckets[b] as f32 + sign * x) as f64;
             }
             let key2 = mix64(11 ^ 0x5350_4152_5345);
             let mut acc = vec![0f64; k];
@@ -581,6 +666,59 @@ mod tests {
     }
 
     #[test]
+    fn every_instruction_set_gives_the_same_sums() {
+        // Groups far from the start (a 64-bit group index), onto sums already non-zero,
+        // with values of both signs and of many magnitudes.
+        let v: Vec<f32> = vector(12, 16 * 5000).iter().enumerate().map(|(i, x)| x * (1 + i % 7) as f32).collect();
+        let (line_bits, key, g0) = (12, mix64(5), (1u64 << 40) + 3);
+        let start: Vec<Line> = (0..1 << line_bits).map(|i| Line([i as f32 * 0.25; LANES])).collect();
+        let sums = |kernel: &dyn Fn(&mut [Line])| {
+            let mut acc = start.clone();
+            kernel(&mut acc);
+            acc.iter().flat_map(|l| l.0.map(f32::to_bits)).collect::<Vec<u32>>()
+        };
+        // The portable kernel against the definition, lane by lane.
+        let want = sums(&|acc| {
+            for (i, &x) in v.iter().enumerate() {
+                add_lanes(line_bits, group_hash(key, g0 + (i / 16) as u64), i % 16, &[x], acc);
+            }
+        });
+        assert_eq!(sums(&|acc| groups_portable(line_bits, key, g0, &v, acc)), want, "portable");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                assert_eq!(sums(&|acc| unsafe { groups_avx2(line_bits, key, g0, &v, acc) }), want, "avx2");
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                assert_eq!(sums(&|acc| unsafe { groups_avx512(line_bits, key, g0, &v, acc) }), want, "avx512");
+            }
+        }
+    }
+
+    #[test]
+    fn coordinates_of_one_lane_spread_over_all_buckets() {
+        // 4096 coordinates all at lane 0 of their groups (a gradient concentrated on every
+        // 16th number). Hashed into M = 65536 buckets they fill about
+        // M·(1 − e^(−4096/M)) ≈ 3972 distinct buckets; without the lane rotation they
+        // could only reach the 4096 lane-0 buckets and would fill about 2589.
+        let n = 4096;
+        let spec = ProjectorSpec::new(ProjectorKind::Sparse, 21, Some(1024), 16 * n, 8).unwrap();
+        let mut sketch = Sketch::new(&spec);
+        assert_eq!(sketch.buckets.len(), 1 << 16);
+        let mut v = vec![0f32; 16 * n];
+        for j in 0..n {
+            v[16 * j] = 1.0 + j as f32 / n as f32;
+        }
+        sketch.add(0, &v);
+        sketch.close();
+        let filled = sketch.buckets.iter().filter(|&&b| b != 0.0).count();
+        assert!((3850..=4096).contains(&filled), "{filled} distinct buckets");
+        let lanes: std::collections::BTreeSet<usize> =
+            sketch.buckets.iter().enumerate().filter(|(_, &b)| b != 0.0).map(|(i, _)| i % 16).collect();
+        assert_eq!(lanes.len(), 16, "every lane of a line is used");
+    }
+
+    #[test]
     fn spans_chunking_and_threads_do_not_change_bits() {
         // Longer than two spans, cut on and off span boundaries.
         let d = 2 * SPAN + 12_345;
@@ -592,9 +730,12 @@ mod tests {
         }
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         assert_eq!(pool.install(|| project(&spec, &v, 1 << 19)), a, "one thread");
-        // Version 1 files are told apart and not extended.
-        let old = ProjectorSpec { version: 1, ..spec.clone() };
-        assert!(format!("{:#}", old.start().update(0, &v[..10]).unwrap_err()).contains("version 1"));
+        // Files of earlier versions are told apart and not extended.
+        for version in [1, 2] {
+            let old = ProjectorSpec { version, ..spec.clone() };
+            let err = format!("{:#}", old.start().update(0, &v[..10]).unwrap_err());
+            assert!(err.contains(&format!("version {version}")), "{err}");
+        }
         let old_json = serde_json::to_value(&spec).unwrap().as_object().unwrap().clone();
         let mut without = old_json.clone();
         without.remove("version");
