@@ -243,14 +243,26 @@ fn group_hash(key: u64, g: u64) -> u64 {
     mix64(key ^ g)
 }
 
+/// The line of a group hashed `h`, among `2^line_bits`.
+#[inline(always)]
+fn line_of(h: u64, line_bits: u32) -> usize {
+    (h >> (64 - line_bits)) as usize
+}
+
+/// The rotation of a group hashed `h`: lane `l` goes to bucket `l ^ rotation` of its line.
+#[inline(always)]
+fn rotation_of(h: u64) -> usize {
+    ((h >> 16) & 15) as usize
+}
+
 /// Adds `values` as lanes `lane..` of the group hashed `h`: lane `l` goes with sign bit
 /// `l` of `h` into bucket `l ^ rotation` of the group's line. The rotation makes two
 /// coordinates of different groups share a bucket with probability exactly 1/M, whatever
 /// their lanes (a gradient concentrated on every 16th coordinate still uses all M buckets).
 #[inline(always)]
 fn add_lanes(line_bits: u32, h: u64, lane: usize, values: &[f32], acc: &mut [Line]) {
-    let line = &mut acc[(h >> (64 - line_bits)) as usize].0;
-    let rotation = ((h >> 16) & 15) as usize;
+    let line = &mut acc[line_of(h, line_bits)].0;
+    let rotation = rotation_of(h);
     for (l, &v) in (lane..LANES).zip(values) {
         line[l ^ rotation] += f32::from_bits(v.to_bits() ^ ((((h >> l) & 1) as u32) << 31));
     }
@@ -307,13 +319,13 @@ fn groups_avx512(line_bits: u32, key: u64, g0: u64, values: &[f32], acc: &mut [L
     let sign = _mm512_set1_epi32(i32::MIN);
     for (g, group) in (g0..).zip(values.chunks_exact(LANES)) {
         let h = group_hash(key, g);
-        let line = &mut acc[(h >> (64 - line_bits)) as usize];
+        let line = &mut acc[line_of(h, line_bits)];
         // SAFETY: `group` holds 16 f32 and `line` is a 64-byte aligned line of 16 f32.
         unsafe {
             let x = _mm512_castps_si512(_mm512_loadu_ps(group.as_ptr()));
             let x = _mm512_castsi512_ps(_mm512_mask_xor_epi32(x, h as u16, x, sign));
             // Lane l to l ^ rotation: output lane j takes input lane j ^ rotation.
-            let x = _mm512_permutexvar_ps(_mm512_xor_si512(iota, _mm512_set1_epi32(((h >> 16) & 15) as i32)), x);
+            let x = _mm512_permutexvar_ps(_mm512_xor_si512(iota, _mm512_set1_epi32(rotation_of(h) as i32)), x);
             let p = line.0.as_mut_ptr();
             _mm512_store_ps(p, _mm512_add_ps(_mm512_load_ps(p), x));
         }
@@ -332,8 +344,8 @@ fn groups_avx2(line_bits: u32, key: u64, g0: u64, values: &[f32], acc: &mut [Lin
     let sign = _mm256_set1_epi32(i32::MIN);
     for (g, group) in (g0..).zip(values.chunks_exact(LANES)) {
         let h = group_hash(key, g);
-        let line = &mut acc[(h >> (64 - line_bits)) as usize];
-        let rotation = ((h >> 16) & 15) as i32;
+        let line = &mut acc[line_of(h, line_bits)];
+        let rotation = rotation_of(h) as i32;
         let signs = _mm256_set1_epi32((h & 0xFFFF) as i32);
         let flip_lo = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(signs, bits_lo), bits_lo), sign);
         let flip_hi = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(signs, bits_hi), bits_hi), sign);
@@ -695,20 +707,25 @@ mod tests {
         }
     }
 
+    /// `n` distinct non-zero numbers, each at lane 0 of its group of 16.
+    fn on_lane_zero(n: usize) -> Vec<f32> {
+        let mut v = vec![0f32; 16 * n];
+        for j in 0..n {
+            v[16 * j] = 1.0 + j as f32 / n as f32;
+        }
+        v
+    }
+
     #[test]
     fn coordinates_of_one_lane_spread_over_all_buckets() {
         // 4096 coordinates all at lane 0 of their groups (a gradient concentrated on every
         // 16th number). Hashed into M = 65536 buckets they fill about
         // M·(1 − e^(−4096/M)) ≈ 3972 distinct buckets; without the lane rotation they
         // could only reach the 4096 lane-0 buckets and would fill about 2589.
-        let n = 4096;
-        let spec = ProjectorSpec::new(ProjectorKind::Sparse, 21, Some(1024), 16 * n, 8).unwrap();
+        let v = on_lane_zero(4096);
+        let spec = ProjectorSpec::new(ProjectorKind::Sparse, 21, Some(1024), v.len(), 8).unwrap();
         let mut sketch = Sketch::new(&spec);
         assert_eq!(sketch.buckets.len(), 1 << 16);
-        let mut v = vec![0f32; 16 * n];
-        for j in 0..n {
-            v[16 * j] = 1.0 + j as f32 / n as f32;
-        }
         sketch.add(0, &v);
         sketch.close();
         let filled = sketch.buckets.iter().filter(|&&b| b != 0.0).count();
@@ -724,11 +741,8 @@ mod tests {
         // 1/M, ‖Sx‖² is unbiased with variance 2(‖x‖⁴ − Σx⁴)/M. x: 4096 numbers, each at
         // lane 0 of its group (the case the lane rotation is for: without it the variance
         // would be 16 times larger), over 300 seeds.
-        let (n, seeds) = (4096, 300);
-        let mut v = vec![0f32; 16 * n];
-        for j in 0..n {
-            v[16 * j] = 1.0 + j as f32 / n as f32;
-        }
+        let seeds = 300;
+        let v = on_lane_zero(4096);
         let norm2: f64 = v.iter().map(|&x| (x as f64).powi(2)).sum();
         let quartic: f64 = v.iter().map(|&x| (x as f64).powi(4)).sum();
         let m = (1 << 16) as f64;
